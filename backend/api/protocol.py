@@ -1,0 +1,80 @@
+"""EngineAPI: the one contract between every front end (TUI, CLI, scripts) and the engine.
+
+It is served in-process (`backend.engine.core.Engine`) and over websockets JSON-RPC
+(`backend.api.server` / `backend.api.client.RemoteEngine`); both pass the same test suite.
+Every method may raise a `backend.errors.SysvmError` subclass whose message an operator can act on.
+Wire format: see `backend/api/README.md`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from backend.engine.events import EventRecord
+from backend.engine.jobs import JobInfo
+from backend.services.status import StatusTree
+
+# Methods that change state; a read-only engine or client refuses them (ReadOnly).
+MUTATING = frozenset({"lab_up", "lab_down", "cancel_job"})
+
+
+@runtime_checkable
+class EngineAPI(Protocol):
+    async def engine_info(self) -> dict[str, Any]:
+        """Who answers: pid, version, home, schema revision, uptime seconds, read_only."""
+        ...
+
+    async def status(self) -> StatusTree:
+        """The whole tree: zones -> hosts, system VMs, networks -> router, guest VMs."""
+        ...
+
+    async def config_show(self) -> list[dict[str, Any]]:
+        """Effective settings: [{key, value, source, help}] (source says where it came from)."""
+        ...
+
+    async def lab_up(
+        self,
+        zones: int | None = None,
+        hosts: int | None = None,
+        networks: int | None = None,
+        vms: int | None = None,
+    ) -> JobInfo:
+        """Start building (idempotently) the embedded lab; returns the `lab.up` job at once.
+        None takes the `lab.*` setting. Raises InvalidInput naming the field."""
+        ...
+
+    async def lab_down(self) -> JobInfo:
+        """Start removing everything the lab made; returns the `lab.down` job."""
+        ...
+
+    async def jobs(self, limit: int = 100, state: str | None = None) -> list[JobInfo]:
+        """Recent jobs, newest first, optionally only those in `state`."""
+        ...
+
+    async def job(self, job_id: int) -> JobInfo:
+        """One job (NotFound if it does not exist)."""
+        ...
+
+    async def wait_job(self, job_id: int, timeout: float | None = None) -> JobInfo:
+        """Wait until the job finishes or `timeout` seconds pass; returns it either way."""
+        ...
+
+    async def cancel_job(self, job_id: int) -> JobInfo:
+        """Cancel a queued or running job (Conflict if it already finished)."""
+        ...
+
+    async def events(
+        self, since_id: int = 0, limit: int = 200, entity: str | None = None
+    ) -> list[EventRecord]:
+        """Persisted events after `since_id`, oldest first."""
+        ...
+
+    def subscribe(self, entities: Iterable[str] | None = None) -> AsyncIterator[EventRecord]:
+        """Live events from now on (all entities, or only those named: zone, host, system_vm,
+        network, guest_vm, job, ...). Ends when the engine goes away."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop the engine cleanly: jobs are interrupted (resumable ones resume on next start)."""
+        ...

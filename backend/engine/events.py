@@ -1,0 +1,203 @@
+"""The event bus: every state change is published once, fanned out to subscribers, and persisted.
+
+Publishing never waits for the database: events are written in batches by a background task,
+so a burst of thousands of changes costs subscribers nothing but a queue put.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select
+
+from backend.db.database import Database
+from backend.db.models import Event
+
+log = logging.getLogger(__name__)
+
+KEEP_EVENTS = 50_000
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One state change: `kind` is created | updated | deleted; `fields` holds the new values."""
+
+    id: int
+    ts: str
+    entity: str
+    entity_id: int
+    kind: str
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EventRecord:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+class Subscription:
+    """A subscriber's queue. If the subscriber falls behind by `maxsize`, the oldest are dropped
+    and `lagged` counts them, so a slow client can never slow the engine."""
+
+    def __init__(self, bus: EventBus, entities: frozenset[str] | None, maxsize: int) -> None:
+        self._bus = bus
+        self.entities = entities
+        self.queue: asyncio.Queue[EventRecord | None] = asyncio.Queue(maxsize)
+        self.lagged = 0
+
+    def offer(self, event: EventRecord) -> None:
+        if self.entities is not None and event.entity not in self.entities:
+            return
+        if self.queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+                self.lagged += 1
+        self.queue.put_nowait(event)
+
+    async def get(self) -> EventRecord | None:
+        """The next event, or None when the bus closed."""
+        return await self.queue.get()
+
+    def close(self) -> None:
+        self._bus._unsubscribe(self)
+
+    def __aiter__(self) -> AsyncIterator[EventRecord]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[EventRecord]:
+        while True:
+            event = await self.get()
+            if event is None:
+                return
+            yield event
+
+
+class EventBus:
+    def __init__(self, db: Database, *, flush_interval: float = 0.2) -> None:
+        self._db = db
+        self._subs: list[Subscription] = []
+        self._pending: list[EventRecord] = []
+        self._next_id = 1
+        self._flush_interval = flush_interval
+        self._flusher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        async with self._db.read() as s:
+            last = await s.scalar(select(func.max(Event.id)))
+        self._next_id = (last or 0) + 1
+        self._flusher = asyncio.create_task(self._flush_loop(), name="event-flusher")
+
+    async def stop(self) -> None:
+        if self._flusher:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.flush()
+        for sub in list(self._subs):
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+        self._subs.clear()
+
+    def publish(
+        self, entity: str, entity_id: int, kind: str, name: str = "", **fields: Any
+    ) -> EventRecord:
+        """Record a change and hand it to every matching subscriber (never blocks)."""
+        event = EventRecord(
+            id=self._next_id,
+            ts=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            entity=entity,
+            entity_id=entity_id,
+            kind=kind,
+            name=name,
+            fields=_jsonable(fields),
+        )
+        self._next_id += 1
+        self._pending.append(event)
+        for sub in self._subs:
+            sub.offer(event)
+        return event
+
+    def subscribe(
+        self, entities: Iterable[str] | None = None, *, maxsize: int = 10_000
+    ) -> Subscription:
+        sub = Subscription(self, frozenset(entities) if entities is not None else None, maxsize)
+        self._subs.append(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subs.remove(sub)
+
+    async def recent(
+        self, *, since_id: int = 0, limit: int = 200, entity: str | None = None
+    ) -> list[EventRecord]:
+        """Persisted events after `since_id`, newest last (at most `limit`)."""
+        await self.flush()
+        async with self._db.read() as s:
+            q = select(Event).where(Event.id > since_id)
+            if entity:
+                q = q.where(Event.entity == entity)
+            rows = (await s.scalars(q.order_by(Event.id.desc()).limit(limit))).all()
+        return [
+            EventRecord(
+                id=r.id,
+                ts=r.ts.isoformat(timespec="milliseconds"),
+                entity=r.entity,
+                entity_id=r.entity_id,
+                kind=r.kind,
+                name=r.name,
+                fields=r.fields,
+            )
+            for r in reversed(rows)
+        ]
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        rows = [
+            {
+                "id": e.id,
+                "ts": datetime.fromisoformat(e.ts),
+                "entity": e.entity,
+                "entity_id": e.entity_id,
+                "kind": e.kind,
+                "name": e.name,
+                "fields": e.fields,
+            }
+            for e in batch
+        ]
+
+        async def work(s: Any) -> None:
+            await s.execute(insert(Event), rows)
+            if batch[-1].id % 5000 < len(batch):  # prune now and then, not on every flush
+                await s.execute(delete(Event).where(Event.id <= batch[-1].id - KEEP_EVENTS))
+
+        try:
+            await self._db.write(work)
+        except Exception:
+            log.exception("could not persist %d events", len(batch))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            await self.flush()
+
+
+def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        if isinstance(v, datetime):
+            v = v.isoformat(timespec="seconds")
+        out[k] = v
+    return out

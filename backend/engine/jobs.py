@@ -1,0 +1,358 @@
+"""The job runner: long work persisted with progress, cancellable, and never left "running".
+
+A job kind is registered with a handler and says whether it may be resumed. On start, the
+runner resumes every interrupted job of a resumable kind and fails the others with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from backend.db.database import Database
+from backend.db.models import Job, JobState, utcnow
+from backend.engine.events import EventBus
+from backend.errors import Conflict, InvalidInput, NotFound, SysvmError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job as clients see it."""
+
+    id: int
+    kind: str
+    target_type: str
+    target_id: int | None
+    target_name: str
+    state: str
+    progress: float
+    bytes_done: int
+    bytes_total: int
+    message: str
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str
+    attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+    @property
+    def finished(self) -> bool:
+        return JobState(self.state).finished
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobInfo:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    @classmethod
+    def of(cls, job: Job) -> JobInfo:
+        def iso(t: datetime | None) -> str | None:
+            return t.isoformat(timespec="seconds") if t else None
+
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            target_type=job.target_type,
+            target_id=job.target_id,
+            target_name=job.target_name,
+            state=job.state,
+            progress=job.progress,
+            bytes_done=job.bytes_done,
+            bytes_total=job.bytes_total,
+            message=job.message,
+            params=job.params,
+            result=job.result,
+            error=job.error,
+            attempts=job.attempts,
+            created_at=iso(job.created_at) or "",
+            started_at=iso(job.started_at),
+            finished_at=iso(job.finished_at),
+        )
+
+
+class JobContext:
+    """What a handler gets: its parameters and a way to report progress (throttled)."""
+
+    def __init__(self, runner: JobRunner, job: JobInfo) -> None:
+        self._runner = runner
+        self.job_id = job.id
+        self.params = job.params
+        self.attempt = job.attempts
+        self._last_write = 0.0
+        self._last_pct = -100.0
+
+    async def progress(
+        self,
+        percent: float | None = None,
+        *,
+        message: str | None = None,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+        force: bool = False,
+    ) -> None:
+        """Report progress; persisted at most every `job.progress_interval` s or each 1%."""
+        now = time.monotonic()
+        pct = percent if percent is not None else self._last_pct
+        if (
+            not force
+            and now - self._last_write < self._runner.progress_interval
+            and abs(pct - self._last_pct) < 1.0
+        ):
+            return
+        self._last_write, self._last_pct = now, pct
+        changes: dict[str, Any] = {}
+        if percent is not None:
+            changes["progress"] = round(max(0.0, min(100.0, percent)), 1)
+        if message is not None:
+            changes["message"] = message
+        if bytes_done is not None:
+            changes["bytes_done"] = bytes_done
+        if bytes_total is not None:
+            changes["bytes_total"] = bytes_total
+        await self._runner._update(self.job_id, **changes)
+
+
+JobHandler = Callable[[JobContext], Awaitable[dict[str, Any] | None]]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    handler: JobHandler
+    # Resumable handlers are idempotent: running them again after a crash converges.
+    resumable: bool
+    why_not_resumable: str = ""
+
+
+class JobRunner:
+    def __init__(self, db: Database, bus: EventBus, *, progress_interval: float = 0.5) -> None:
+        self._db = db
+        self._bus = bus
+        self.progress_interval = progress_interval
+        self._kinds: dict[str, JobKind] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._done: dict[int, asyncio.Event] = {}
+        self._stopping = False
+
+    def register(self, kind: JobKind) -> None:
+        self._kinds[kind.name] = kind
+
+    async def submit(
+        self,
+        kind: str,
+        params: dict[str, Any] | None = None,
+        *,
+        target_type: str = "",
+        target_id: int | None = None,
+        target_name: str = "",
+    ) -> JobInfo:
+        if kind not in self._kinds:
+            raise InvalidInput("kind", f"unknown job kind {kind!r}")
+
+        async def work(s: Any) -> JobInfo:
+            job = Job(
+                kind=kind,
+                params=params or {},
+                target_type=target_type,
+                target_id=target_id,
+                target_name=target_name,
+                state=JobState.QUEUED.value,
+            )
+            s.add(job)
+            await s.flush()
+            return JobInfo.of(job)
+
+        info = await self._db.write(work)
+        self._bus.publish("job", info.id, "created", info.kind, **_event_fields(info))
+        self._launch(info)
+        return info
+
+    def _launch(self, info: JobInfo) -> None:
+        self._done[info.id] = asyncio.Event()
+        self._tasks[info.id] = asyncio.create_task(self._run(info), name=f"job-{info.id}")
+
+    async def _run(self, info: JobInfo) -> None:
+        kind = self._kinds[info.kind]
+        try:
+            info = await self._update(
+                info.id,
+                state=JobState.RUNNING.value,
+                started_at=utcnow(),
+                attempts=info.attempts + 1,
+            )
+            result = await kind.handler(JobContext(self, info))
+            await self._update(
+                info.id,
+                state=JobState.SUCCEEDED.value,
+                progress=100.0,
+                result=result or {},
+                finished_at=utcnow(),
+            )
+        except asyncio.CancelledError:
+            if self._stopping:
+                await self._interrupted(info.id, kind, "the engine was stopped")
+            else:
+                await self._update(
+                    info.id,
+                    state=JobState.CANCELLED.value,
+                    message="cancelled by operator",
+                    finished_at=utcnow(),
+                )
+        except SysvmError as exc:
+            await self._update(
+                info.id, state=JobState.FAILED.value, error=str(exc), finished_at=utcnow()
+            )
+        except Exception as exc:
+            log.exception("job %s (%s) crashed", info.id, info.kind)
+            await self._update(
+                info.id,
+                state=JobState.FAILED.value,
+                error=f"internal error: {type(exc).__name__}: {exc} (see engine.log)",
+                finished_at=utcnow(),
+            )
+        finally:
+            self._tasks.pop(info.id, None)
+            done = self._done.pop(info.id, None)
+            if done:
+                done.set()
+
+    async def _interrupted(self, job_id: int, kind: JobKind, why: str) -> None:
+        if kind.resumable:
+            await self._update(
+                job_id, state=JobState.QUEUED.value, message=f"{why}; resumes when it starts"
+            )
+        else:
+            await self._update(
+                job_id,
+                state=JobState.FAILED.value,
+                error=f"{why} while this job ran; not resumed: {kind.why_not_resumable}",
+                finished_at=utcnow(),
+            )
+
+    async def _update(self, job_id: int, **changes: Any) -> JobInfo:
+        async def work(s: Any) -> JobInfo:
+            job = await s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} does not exist")
+            for k, v in changes.items():
+                setattr(job, k, v)
+            await s.flush()
+            return JobInfo.of(job)
+
+        info = await self._db.write(work)
+        self._bus.publish("job", job_id, "updated", info.kind, **_event_fields(info))
+        return info
+
+    async def recover(self) -> list[JobInfo]:
+        """On engine start: resume interrupted resumable jobs, fail the others with the reason."""
+        async with self._db.read() as s:
+            rows = (
+                await s.scalars(
+                    select(Job).where(
+                        Job.state.in_([JobState.RUNNING.value, JobState.QUEUED.value])
+                    )
+                )
+            ).all()
+            stale = [JobInfo.of(j) for j in rows]
+        out = []
+        for info in stale:
+            kind = self._kinds.get(info.kind)
+            if kind is None:
+                out.append(
+                    await self._update(
+                        info.id,
+                        state=JobState.FAILED.value,
+                        error=f"engine restarted; job kind {info.kind!r} is unknown to this engine",
+                        finished_at=utcnow(),
+                    )
+                )
+            elif kind.resumable:
+                info = await self._update(
+                    info.id,
+                    state=JobState.QUEUED.value,
+                    message=f"resumed after engine restart (attempt {info.attempts + 1})",
+                )
+                self._launch(info)
+                out.append(info)
+            else:
+                out.append(
+                    await self._update(
+                        info.id,
+                        state=JobState.FAILED.value,
+                        error="the engine stopped while this job ran (killed or crashed); "
+                        f"not resumed: {kind.why_not_resumable}",
+                        finished_at=utcnow(),
+                    )
+                )
+        return out
+
+    async def get(self, job_id: int) -> JobInfo:
+        async with self._db.read() as s:
+            job = await s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} does not exist")
+            return JobInfo.of(job)
+
+    async def list(self, *, limit: int = 100, state: str | None = None) -> list[JobInfo]:
+        async with self._db.read() as s:
+            q = select(Job)
+            if state:
+                q = q.where(Job.state == state)
+            rows = (await s.scalars(q.order_by(Job.id.desc()).limit(limit))).all()
+            return [JobInfo.of(j) for j in rows]
+
+    async def cancel(self, job_id: int) -> JobInfo:
+        info = await self.get(job_id)
+        if info.finished:
+            raise Conflict(f"job {job_id} already {info.state}; nothing to cancel")
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+            await self.wait(job_id, timeout=10)
+            return await self.get(job_id)
+        return await self._update(
+            job_id, state=JobState.CANCELLED.value, message="cancelled", finished_at=utcnow()
+        )
+
+    async def wait(self, job_id: int, timeout: float | None = None) -> JobInfo:
+        """Wait until the job finishes (or the timeout passes) and return it."""
+        done = self._done.get(job_id)
+        if done is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout)
+        return await self.get(job_id)
+
+    async def stop(self) -> None:
+        """Interrupt running jobs: resumable ones go back to queued, the others fail."""
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _event_fields(info: JobInfo) -> dict[str, Any]:
+    return {
+        "state": info.state,
+        "progress": info.progress,
+        "message": info.message,
+        "bytes_done": info.bytes_done,
+        "bytes_total": info.bytes_total,
+        "error": info.error,
+        "target_type": info.target_type,
+        "target_name": info.target_name,
+    }

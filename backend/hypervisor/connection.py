@@ -1,0 +1,173 @@
+"""One libvirt connection per host, every blocking call in that host's own thread.
+
+libvirt calls block (an unanswering host froze a whole asyncio loop here), so no call runs on
+the loop; each host has a one-thread executor, so one dead host never stalls the others.
+Lifecycle events arrive on the loop through libvirtaio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import libvirt
+import libvirtaio
+
+from backend.errors import SysvmError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LifecycleCallback = Callable[[int, str, int, int], None]
+_registered_loop: asyncio.AbstractEventLoop | None = None
+
+# libvirt domain states, by number (virDomainState)
+DOMAIN_STATES = {
+    0: "nostate",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutdown",
+    5: "shutoff",
+    6: "crashed",
+    7: "pmsuspended",
+}
+
+
+class HypervisorError(SysvmError):
+    """A libvirt call on a host failed; the message names the host and the call."""
+
+    code = "hypervisor"
+
+
+def register_event_loop() -> None:
+    """Route libvirt's events through the running asyncio loop (once per loop)."""
+    global _registered_loop
+    loop = asyncio.get_running_loop()
+    if _registered_loop is not loop:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        _registered_loop = loop
+
+
+def _silence_libvirt(_ctx: Any, _err: Any) -> None:
+    """libvirt prints errors to stderr by default; we report them as exceptions instead."""
+
+
+libvirt.registerErrorHandler(_silence_libvirt, None)
+
+
+class HostConnection:
+    def __init__(
+        self, host_id: int, name: str, uri: str, on_lifecycle: LifecycleCallback | None = None
+    ) -> None:
+        self.host_id = host_id
+        self.name = name
+        self.uri = uri
+        self._on_lifecycle = on_lifecycle
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"libvirt-{name}")
+        self._conn: libvirt.virConnect | None = None
+        self._callback_id: int | None = None
+        self._open_lock = asyncio.Lock()
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        async with self._open_lock:
+            if self._conn is not None:
+                return
+            register_event_loop()
+            try:
+                conn = await self._in_thread(libvirt.open, self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(
+                    f"host {self.name}: cannot connect to {self.uri}: {exc.get_error_message()}"
+                ) from exc
+            if self._on_lifecycle is not None:
+                self._callback_id = await self._in_thread(
+                    conn.domainEventRegisterAny,
+                    None,
+                    libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                    self._lifecycle,
+                    None,
+                )
+            self._conn = conn
+
+    def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        if self._on_lifecycle is not None:
+            self._on_lifecycle(self.host_id, dom.name(), event, detail)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+
+            def _close() -> None:
+                try:
+                    if self._callback_id is not None:
+                        conn.domainEventDeregisterAny(self._callback_id)
+                    conn.close()
+                except libvirt.libvirtError:
+                    pass
+
+            await self._in_thread(_close)
+        self._executor.shutdown(wait=False)
+
+    async def call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+        """Run `fn(conn)` in this host's thread; libvirt errors become HypervisorError."""
+        await self.open()
+        conn = self._conn
+        assert conn is not None
+        try:
+            return await self._in_thread(fn, conn)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"host {self.name}: {what}: {exc.get_error_message()}") from exc
+
+    async def define_and_start(self, name: str, xml: str) -> None:
+        def work(conn: libvirt.virConnect) -> None:
+            dom = conn.defineXML(xml)
+            if not dom.isActive():
+                dom.create()
+
+        await self.call(f"define and start {name}", work)
+
+    async def start(self, name: str) -> None:
+        def work(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByName(name)
+            if not dom.isActive():
+                dom.create()
+
+        await self.call(f"start {name}", work)
+
+    async def destroy(self, name: str, *, undefine: bool = False) -> None:
+        """Power off at once (and forget the definition with `undefine`); absent is fine."""
+
+        def work(conn: libvirt.virConnect) -> None:
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                raise
+            if dom.isActive():
+                dom.destroy()
+            if undefine:
+                dom.undefine()
+
+        await self.call(f"destroy {name}", work)
+
+    async def domain_states(self) -> dict[str, str]:
+        """Every domain of the host and its libvirt state name."""
+
+        def work(conn: libvirt.virConnect) -> dict[str, str]:
+            return {
+                d.name(): DOMAIN_STATES.get(d.state()[0], "nostate") for d in conn.listAllDomains()
+            }
+
+        return await self.call("list domains", work)
+
+    async def domain_xml(self, name: str) -> str:
+        return await self.call(f"read {name}", lambda conn: conn.lookupByName(name).XMLDesc())

@@ -1,0 +1,145 @@
+"""The status tree: zones -> hosts, system VMs, networks -> router and guest VMs (stable JSON)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, TypedDict
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.db.models import (
+    GuestNetwork,
+    GuestVM,
+    Host,
+    Nic,
+    NicRole,
+    SystemVM,
+    SystemVMType,
+    VMState,
+    Zone,
+)
+
+
+class HostNode(TypedDict):
+    name: str
+    state: str
+    uri: str
+
+
+class SystemVMNode(TypedDict):
+    name: str
+    type: str
+    state: str
+    host: str | None
+    control_ip: str | None
+
+
+class RouterNode(TypedDict):
+    name: str
+    state: str
+
+
+class GuestVMNode(TypedDict):
+    name: str
+    state: str
+    ip: str | None
+
+
+class NetworkNode(TypedDict):
+    name: str
+    cidr: str
+    router: RouterNode | None
+    vms: list[GuestVMNode]
+
+
+class ZoneNode(TypedDict):
+    name: str
+    state: str
+    hosts: list[HostNode]
+    system_vms: list[SystemVMNode]
+    networks: list[NetworkNode]
+
+
+class StatusTree(TypedDict):
+    zones: list[ZoneNode]
+
+
+async def status_tree(s: AsyncSession) -> StatusTree:
+    """Everything not Destroyed, in a handful of queries whatever the size of the cloud."""
+    zones = (await s.scalars(select(Zone).order_by(Zone.id))).all()
+    hosts = (await s.scalars(select(Host).order_by(Host.id))).all()
+    host_names = {h.id: h.name for h in hosts}
+    svms = (
+        await s.scalars(
+            select(SystemVM).where(SystemVM.state != VMState.DESTROYED.value).order_by(SystemVM.id)
+        )
+    ).all()
+    nets = (await s.scalars(select(GuestNetwork).order_by(GuestNetwork.id))).all()
+    gvms = (
+        await s.scalars(
+            select(GuestVM).where(GuestVM.state != VMState.DESTROYED.value).order_by(GuestVM.id)
+        )
+    ).all()
+    control_ip: dict[int, str] = {}
+    guest_ip: dict[int, str] = {}
+    for nic in (await s.scalars(select(Nic))).all():
+        if nic.system_vm_id is not None and nic.role == NicRole.CONTROL.value:
+            control_ip[nic.system_vm_id] = nic.ip
+        elif nic.guest_vm_id is not None and nic.device_id == 0:
+            guest_ip[nic.guest_vm_id] = nic.ip
+
+    hosts_by_zone: dict[int, list[HostNode]] = defaultdict(list)
+    for h in hosts:
+        hosts_by_zone[h.zone_id].append({"name": h.name, "state": h.state, "uri": h.uri})
+    svms_by_zone: dict[int, list[SystemVMNode]] = defaultdict(list)
+    router_of: dict[int, RouterNode] = {}
+    for v in svms:
+        if v.type == SystemVMType.ROUTER.value and v.network_id is not None:
+            router_of[v.network_id] = {"name": v.name, "state": v.state}
+        svms_by_zone[v.zone_id].append(
+            {
+                "name": v.name,
+                "type": v.type,
+                "state": v.state,
+                "host": host_names.get(v.host_id) if v.host_id else None,
+                "control_ip": control_ip.get(v.id),
+            }
+        )
+    vms_by_net: dict[int, list[GuestVMNode]] = defaultdict(list)
+    for g in gvms:
+        vms_by_net[g.network_id].append({"name": g.name, "state": g.state, "ip": guest_ip.get(g.id)})
+    nets_by_zone: dict[int, list[NetworkNode]] = defaultdict(list)
+    for n in nets:
+        nets_by_zone[n.zone_id].append(
+            {
+                "name": n.name,
+                "cidr": n.cidr,
+                "router": router_of.get(n.id),
+                "vms": vms_by_net.get(n.id, []),
+            }
+        )
+    return {
+        "zones": [
+            {
+                "name": z.name,
+                "state": z.state,
+                "hosts": hosts_by_zone.get(z.id, []),
+                "system_vms": svms_by_zone.get(z.id, []),
+                "networks": nets_by_zone.get(z.id, []),
+            }
+            for z in zones
+        ]
+    }
+
+
+def count_objects(tree: StatusTree) -> dict[str, Any]:
+    """Totals for a one-line summary."""
+    zones = tree["zones"]
+    return {
+        "zones": len(zones),
+        "hosts": sum(len(z["hosts"]) for z in zones),
+        "system_vms": sum(len(z["system_vms"]) for z in zones),
+        "networks": sum(len(z["networks"]) for z in zones),
+        "vms": sum(len(n["vms"]) for z in zones for n in z["networks"]),
+    }
