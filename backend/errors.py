@@ -72,3 +72,9 @@ class HostKeyMismatch(SysvmError):
     """A system VM presented a host key other than the one generated for it at provisioning."""
 
     code = "host_key_mismatch"
+
+
+class EngineAlreadyRunning(SysvmError):
+    """Another engine holds this home's lock."""
+
+    code = "engine_already_running"

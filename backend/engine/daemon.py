@@ -1,0 +1,203 @@
+"""One engine process per SYSVM_HOME, on a unix socket; clients start it on demand, like tmux.
+
+Files under the home: `engine.sock` (the API), `engine.lock` (held by the running engine, so a
+second one refuses to start and a socket left by a crash is known to be stale), `engine.pid`,
+`engine.log`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from websockets.asyncio.server import unix_serve
+
+from backend.api.client import RemoteEngine
+from backend.api.server import ApiServer
+from backend.config import Config
+from backend.engine.core import Engine
+from backend.errors import EngineAlreadyRunning, EngineUnavailable, SysvmError
+
+log = logging.getLogger(__name__)
+
+EXIT_ALREADY_RUNNING = 3
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+
+
+def socket_path(home: Path) -> Path:
+    return home / "engine.sock"
+
+
+def _pid_of(home: Path) -> int | None:
+    try:
+        return int((home / "engine.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class EngineLock:
+    """The engine's exclusive lock on its home (released by the kernel when the process dies)."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "engine.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        f = open(self.path, "a+")  # noqa: SIM115 - held for the life of the engine
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            pid = _pid_of(self.path.parent)
+            raise EngineAlreadyRunning(
+                f"an engine already runs for {self.path.parent}"
+                + (f" (pid {pid})" if pid else "")
+                + "; use it, or stop it with `sysvm engine stop`"
+            ) from None
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def setup_logging(home: Path, level: str) -> None:
+    """Engine logs go to `engine.log` under the home, never to a terminal."""
+    handler = logging.FileHandler(home / "engine.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("asyncssh").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
+
+
+async def serve(config: Config) -> None:
+    """Run the engine until `shutdown` or SIGTERM/SIGINT; clean up socket and pid file."""
+    home = config.home
+    sock = socket_path(home)
+    if len(str(sock)) > SOCKET_PATH_MAX:
+        raise SysvmError(
+            f"socket path {sock} is longer than {SOCKET_PATH_MAX} bytes (a unix socket limit); "
+            "use a shorter SYSVM_HOME"
+        )
+    lock = EngineLock(home)
+    lock.acquire()
+    try:
+        if sock.exists() or sock.is_symlink():
+            log.info("removing stale socket %s left by an engine that is gone", sock)
+            sock.unlink()
+        (home / "engine.pid").write_text(f"{os.getpid()}\n")
+        engine = Engine(config)
+        await engine.start()
+        api = ApiServer(engine, read_only=engine.read_only)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, engine.shutdown_requested.set)
+        old_umask = os.umask(0o177)  # the socket is the engine's front door: owner only
+        try:
+            server = await unix_serve(api.handle, str(sock), max_size=64 * 2**20)
+        finally:
+            os.umask(old_umask)
+        log.info("engine serving on %s (pid %d)", sock, os.getpid())
+        try:
+            await engine.shutdown_requested.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
+            await engine.stop()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (home / "engine.pid").unlink()
+        lock.release()
+
+
+def _log_tail(home: Path, lines: int = 5) -> str:
+    try:
+        text = (home / "engine.log").read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def spawn_engine(home: Path) -> subprocess.Popen[bytes]:
+    """Start `sysvm engine serve` detached from this terminal, logging to engine.log."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    env = dict(os.environ, SYSVM_HOME=str(home))
+    with open(home / "engine.log", "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "engine", "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+async def connect(config: Config, *, autostart: bool = True) -> RemoteEngine:
+    """Connect to this home's engine, starting one in the background when none answers."""
+    sock = socket_path(config.home)
+    timeout = float(config["engine.connect_timeout"])
+    try:
+        return await RemoteEngine.connect_unix(sock, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        if not autostart:
+            raise EngineUnavailable(
+                f"no engine answers on {sock} ({exc.__class__.__name__}); start one with "
+                "`sysvm engine serve` or run any command without --no-start"
+            ) from exc
+    proc = spawn_engine(config.home)
+    deadline = time.monotonic() + float(config["engine.start_timeout"])
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        code = proc.poll()
+        if code is not None and code != EXIT_ALREADY_RUNNING:
+            raise EngineUnavailable(
+                f"the engine exited with status {code} while starting: {_log_tail(config.home)}"
+            )
+        with contextlib.suppress(OSError, TimeoutError):
+            return await RemoteEngine.connect_unix(sock, timeout=timeout)
+    raise EngineUnavailable(
+        f"the engine did not answer on {sock} within {config['engine.start_timeout']} s "
+        f"(see {config.home / 'engine.log'}): {_log_tail(config.home)}"
+    )
+
+
+async def stop(config: Config, *, timeout: float = 20.0) -> int | None:
+    """Ask the running engine to stop and wait until its process is gone; None if none ran."""
+    sock = socket_path(config.home)
+    pid = _pid_of(config.home)
+    try:
+        client = await RemoteEngine.connect_unix(sock, timeout=float(config["engine.connect_timeout"]))
+    except (OSError, TimeoutError):
+        return None
+    info = await client.engine_info()
+    pid = int(info["pid"])
+    await client.shutdown()
+    await client.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        await asyncio.sleep(0.05)
+    raise SysvmError(f"engine pid {pid} did not stop within {timeout} s; see engine.log")
