@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,18 @@ def _parser() -> argparse.ArgumentParser:
         "when none runs.",
         epilog="Start here: `sysvm lab up` builds a demo cloud, `sysvm tui` opens the console.",
     )
-    p.add_argument("--home", help="installation directory (default: $SYSVM_HOME or the user data dir)")
+    p.add_argument(
+        "--home", help="installation directory (default: $SYSVM_HOME or the user data dir)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tui = sub.add_parser("tui", help="open the console")
-    tui.add_argument("--read-only", action="store_true", default=None, help="hide and refuse every change")
-    tui.add_argument("--ascii", action="store_true", default=None, help="ASCII instead of box drawing and icons")
+    tui.add_argument(
+        "--read-only", action="store_true", default=None, help="hide and refuse every change"
+    )
+    tui.add_argument(
+        "--ascii", action="store_true", default=None, help="ASCII instead of box drawing and icons"
+    )
 
     st = sub.add_parser("status", help="print the tree of zones, system VMs, networks and VMs")
     st.add_argument("--json", action="store_true", help="stable JSON (shape in README)")
@@ -45,14 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     es = esub.add_parser("status", help="is an engine running here? (pid, schema, uptime)")
     es.add_argument("--json", action="store_true")
 
-    lab = sub.add_parser("lab", help="the embedded demo cloud (libvirt test driver + local SSH guests)")
+    lab = sub.add_parser(
+        "lab", help="the embedded demo cloud (libvirt test driver + local SSH guests)"
+    )
     lsub = lab.add_subparsers(dest="action", required=True, metavar="ACTION")
     up = lsub.add_parser("up", help="create the lab (idempotent) and wait until it converged")
     up.add_argument("--zones", type=int, help="zones (default: setting lab.zones, 2)")
     up.add_argument("--hosts", type=int, help="hosts per zone (default: lab.hosts, 2)")
-    up.add_argument("--networks", type=int, help="guest networks per zone (default: lab.networks, 2)")
+    up.add_argument(
+        "--networks", type=int, help="guest networks per zone (default: lab.networks, 2)"
+    )
     up.add_argument("--vms", type=int, help="guest VMs per network (default: lab.vms, 3)")
-    up.add_argument("--backend", choices=["local"], default="local", help="where system VMs run (local)")
+    up.add_argument(
+        "--backend", choices=["local"], default="local", help="where system VMs run (local)"
+    )
     up.add_argument("--no-wait", action="store_true", help="return once the job is queued")
     up.add_argument("--json", action="store_true")
     down = lsub.add_parser("down", help="remove everything the lab made")
@@ -69,13 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     jl.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     jl.add_argument("--limit", type=int, default=50)
     jl.add_argument("--json", action="store_true")
-    for name, helptext in (("show", "one job"), ("wait", "wait for a job to finish"), ("cancel", "cancel a job")):
+    for name, helptext in (
+        ("show", "one job"),
+        ("wait", "wait for a job to finish"),
+        ("cancel", "cancel a job"),
+    ):
         jp = jsub.add_parser(name, help=helptext)
         jp.add_argument("job_id", type=int, metavar="JOB")
         jp.add_argument("--json", action="store_true")
 
     ev = sub.add_parser("events", help="recent events (state changes); --follow streams new ones")
-    ev.add_argument("--entity", help="only this entity type (zone, host, system_vm, network, guest_vm, job)")
+    ev.add_argument(
+        "--entity", help="only this entity type (zone, host, system_vm, network, guest_vm, job)"
+    )
     ev.add_argument("--since", type=int, default=0, help="only events after this id")
     ev.add_argument("--limit", type=int, default=50)
     ev.add_argument("--follow", "-f", action="store_true")
@@ -122,7 +139,12 @@ async def _follow_job(api: Any, job_id: int, *, quiet: bool) -> Any:
             line = f"{f.get('state', '')} {f.get('progress', 0):5.1f}%  {f.get('message', '')}"
             if line != last:
                 last = line
-                print(("\r\033[K" if tty else "") + line[:100], end="" if tty else "\n", file=sys.stderr, flush=True)
+                print(
+                    ("\r\033[K" if tty else "") + line[:100],
+                    end="" if tty else "\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     watcher = asyncio.create_task(watch())
     try:
@@ -159,7 +181,7 @@ def _print_status(tree: dict[str, Any]) -> None:
 
 
 async def _client_command(args: argparse.Namespace, config: Config) -> int:
-    from backend.engine import daemon
+    from backend.api import connect as daemon
 
     if args.command == "engine" and args.action == "stop":
         pid = await daemon.stop(config)
@@ -189,7 +211,9 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
         if args.json:
             _print_json({"running": True, **info})
         else:
-            print(f"engine pid {info['pid']} on {info['home']}, schema {info['schema']}, up {info['uptime']} s")
+            print(
+                f"engine pid {info['pid']} on {info['home']}, schema {info['schema']}, up {info['uptime']} s"
+            )
         return 0
     if cmd == "status":
         tree = await api.status()
@@ -239,12 +263,16 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
         _print_json(job.to_dict()) if args.json else print(_job_line(job))
         return 0 if job.state != "failed" else EXIT_ERROR
     if cmd == "events":
+
         def show(e: Any) -> None:
             if args.json:
                 print(json.dumps(e.to_dict()), flush=True)
             else:
                 fields = " ".join(f"{k}={v}" for k, v in e.fields.items() if v not in ("", None))
-                print(f"{e.id:>7} {e.ts[11:23]} {e.entity}:{e.name or e.entity_id} {e.kind} {fields}", flush=True)
+                print(
+                    f"{e.id:>7} {e.ts[11:23]} {e.entity}:{e.name or e.entity_id} {e.kind} {fields}",
+                    flush=True,
+                )
 
         for e in await api.events(since_id=args.since, limit=args.limit, entity=args.entity):
             show(e)
@@ -274,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(daemon.serve(config))
             except EngineAlreadyRunning as exc:
                 print(f"sysvm: {exc}", file=sys.stderr)
-                return daemon.EXIT_ALREADY_RUNNING
+                from backend.api.connect import EXIT_ALREADY_RUNNING
+
+                return EXIT_ALREADY_RUNNING
             return 0
         return asyncio.run(_client_command(args, config))
     except SysvmError as exc:

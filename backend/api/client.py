@@ -14,11 +14,9 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, unix_connect
 from websockets.exceptions import ConnectionClosed
 
+from backend.api.types import EventRecord, JobInfo, StatusTree
 from backend.api.wire import error_from_wire, from_wire
-from backend.engine.events import EventRecord
-from backend.engine.jobs import JobInfo
 from backend.errors import EngineUnavailable
-from backend.services.status import StatusTree
 
 log = logging.getLogger(__name__)
 _END = object()

@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol, runtime_checkable
 
-from backend.engine.events import EventRecord
-from backend.engine.jobs import JobInfo
-from backend.services.status import StatusTree
+from backend.api.types import EventRecord, JobInfo, StatusTree
 
 # Methods that change state; a read-only engine or client refuses them (ReadOnly).
 MUTATING = frozenset({"lab_up", "lab_down", "cancel_job"})

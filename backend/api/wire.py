@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from backend import errors
-from backend.engine.events import EventRecord
-from backend.engine.jobs import JobInfo
+from backend.api.types import EventRecord, JobInfo
 
 # Methods served over the socket (EngineAPI minus `subscribe`, which has its own messages).
 METHODS = (

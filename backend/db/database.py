@@ -17,7 +17,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -75,8 +75,11 @@ def migrate(path: Path) -> str:
             command.upgrade(cfg, "head")
     except SysvmError:
         raise
-    except OperationalError as exc:
-        raise SysvmError(f"cannot migrate database {path}: {exc.orig}") from exc
+    except DatabaseError as exc:
+        raise SysvmError(
+            f"cannot open database {path}: {exc.orig}; if it is damaged, move it aside "
+            "(the engine then starts empty)"
+        ) from exc
     finally:
         engine.dispose()
     return head_revision()

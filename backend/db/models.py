@@ -292,9 +292,7 @@ class SystemVM(Timestamped, Base):
     type: Mapped[str] = mapped_column(String(8))
     zone_id: Mapped[int] = mapped_column(ForeignKey("zones.id", ondelete="CASCADE"), index=True)
     host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="SET NULL"))
-    template_id: Mapped[int | None] = mapped_column(
-        ForeignKey("templates.id", ondelete="SET NULL")
-    )
+    template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id", ondelete="SET NULL"))
     network_id: Mapped[int | None] = mapped_column(
         ForeignKey("guest_networks.id", ondelete="CASCADE"), index=True
     )
@@ -323,9 +321,7 @@ class GuestVM(Timestamped, Base):
         ForeignKey("guest_networks.id", ondelete="CASCADE"), index=True
     )
     host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="SET NULL"))
-    template_id: Mapped[int | None] = mapped_column(
-        ForeignKey("templates.id", ondelete="SET NULL")
-    )
+    template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id", ondelete="SET NULL"))
     state: Mapped[str] = mapped_column(String(16), default=VMState.STOPPED.value)
     uuid: Mapped[str] = mapped_column(String(36), unique=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -17,16 +17,17 @@ import libvirt
 from sqlalchemy import select
 
 from backend import __version__
+from backend.api.types import EventRecord, JobInfo, StatusTree
 from backend.config import Config
 from backend.db.database import Database
 from backend.db.models import GuestVM, SystemVM, VMState
-from backend.engine.events import EventBus, EventRecord
-from backend.engine.jobs import JobInfo, JobKind, JobRunner
+from backend.engine.events import EventBus
+from backend.engine.jobs import JobKind, JobRunner
 from backend.errors import ReadOnly
 from backend.hypervisor.pool import HypervisorPool
 from backend.lab.cloud import LabCloud
 from backend.lab.local_guests import LocalGuests
-from backend.services.status import StatusTree, status_tree
+from backend.services.status import status_tree
 from backend.services.system_vms import GuestVMService, SystemVMService
 from backend.transport.ssh import SystemVMTransport, generate_keypair, load_client_key
 

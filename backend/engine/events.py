@@ -10,38 +10,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
 
+from backend.api.types import EventRecord
 from backend.db.database import Database
 from backend.db.models import Event
 
 log = logging.getLogger(__name__)
 
 KEEP_EVENTS = 50_000
-
-
-@dataclass(frozen=True)
-class EventRecord:
-    """One state change: `kind` is created | updated | deleted; `fields` holds the new values."""
-
-    id: int
-    ts: str
-    entity: str
-    entity_id: int
-    kind: str
-    name: str
-    fields: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EventRecord:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
 class Subscription:

@@ -11,12 +11,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 
+from backend.api.types import JobInfo
 from backend.db.database import Database
 from backend.db.models import Job, JobState, utcnow
 from backend.engine.events import EventBus
@@ -25,63 +26,31 @@ from backend.errors import Conflict, InvalidInput, NotFound, SysvmError
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class JobInfo:
-    """A job as clients see it."""
+def job_info(job: Job) -> JobInfo:
+    """The client view of a job row."""
 
-    id: int
-    kind: str
-    target_type: str
-    target_id: int | None
-    target_name: str
-    state: str
-    progress: float
-    bytes_done: int
-    bytes_total: int
-    message: str
-    params: dict[str, Any]
-    result: dict[str, Any] | None
-    error: str
-    attempts: int
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
+    def iso(t: datetime | None) -> str | None:
+        return t.isoformat(timespec="seconds") if t else None
 
-    @property
-    def finished(self) -> bool:
-        return JobState(self.state).finished
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobInfo:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
-
-    @classmethod
-    def of(cls, job: Job) -> JobInfo:
-        def iso(t: datetime | None) -> str | None:
-            return t.isoformat(timespec="seconds") if t else None
-
-        return cls(
-            id=job.id,
-            kind=job.kind,
-            target_type=job.target_type,
-            target_id=job.target_id,
-            target_name=job.target_name,
-            state=job.state,
-            progress=job.progress,
-            bytes_done=job.bytes_done,
-            bytes_total=job.bytes_total,
-            message=job.message,
-            params=job.params,
-            result=job.result,
-            error=job.error,
-            attempts=job.attempts,
-            created_at=iso(job.created_at) or "",
-            started_at=iso(job.started_at),
-            finished_at=iso(job.finished_at),
-        )
+    return JobInfo(
+        id=job.id,
+        kind=job.kind,
+        target_type=job.target_type,
+        target_id=job.target_id,
+        target_name=job.target_name,
+        state=job.state,
+        progress=job.progress,
+        bytes_done=job.bytes_done,
+        bytes_total=job.bytes_total,
+        message=job.message,
+        params=job.params,
+        result=job.result,
+        error=job.error,
+        attempts=job.attempts,
+        created_at=iso(job.created_at) or "",
+        started_at=iso(job.started_at),
+        finished_at=iso(job.finished_at),
+    )
 
 
 class JobContext:
@@ -174,7 +143,7 @@ class JobRunner:
             )
             s.add(job)
             await s.flush()
-            return JobInfo.of(job)
+            return job_info(job)
 
         info = await self._db.write(work)
         self._bus.publish("job", info.id, "created", info.kind, **_event_fields(info))
@@ -251,7 +220,7 @@ class JobRunner:
             for k, v in changes.items():
                 setattr(job, k, v)
             await s.flush()
-            return JobInfo.of(job)
+            return job_info(job)
 
         info = await self._db.write(work)
         self._bus.publish("job", job_id, "updated", info.kind, **_event_fields(info))
@@ -267,7 +236,7 @@ class JobRunner:
                     )
                 )
             ).all()
-            stale = [JobInfo.of(j) for j in rows]
+            stale = [job_info(j) for j in rows]
         out = []
         for info in stale:
             kind = self._kinds.get(info.kind)
@@ -305,7 +274,7 @@ class JobRunner:
             job = await s.get(Job, job_id)
             if job is None:
                 raise NotFound(f"job {job_id} does not exist")
-            return JobInfo.of(job)
+            return job_info(job)
 
     async def list(self, *, limit: int = 100, state: str | None = None) -> list[JobInfo]:
         async with self._db.read() as s:
@@ -313,7 +282,7 @@ class JobRunner:
             if state:
                 q = q.where(Job.state == state)
             rows = (await s.scalars(q.order_by(Job.id.desc()).limit(limit))).all()
-            return [JobInfo.of(j) for j in rows]
+            return [job_info(j) for j in rows]
 
     async def cancel(self, job_id: int) -> JobInfo:
         info = await self.get(job_id)

@@ -47,9 +47,16 @@ def register_event_loop() -> None:
     """Route libvirt's events through the running asyncio loop (once per loop)."""
     global _registered_loop
     loop = asyncio.get_running_loop()
-    if _registered_loop is not loop:
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-        _registered_loop = loop
+    if _registered_loop is loop:
+        return
+    if _registered_loop is not None:
+        # libvirt takes one event implementation per process, for the life of the process.
+        raise HypervisorError(
+            "libvirt events are bound to another asyncio loop of this process; "
+            "run the engine in one loop per process"
+        )
+    libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+    _registered_loop = loop
 
 
 def _silence_libvirt(_ctx: Any, _err: Any) -> None:

@@ -14,6 +14,7 @@ public 203.0.113.0/24, 198.51.100.0/24, 192.0.2.0/24 for zones 1-3 (documentatio
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import shutil
@@ -24,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
+from backend.db import ip_allocator
 from backend.db.models import (
     GuestNetwork,
     GuestVM,
@@ -41,10 +43,9 @@ from backend.db.models import (
     VMState,
     Zone,
 )
-from backend.db import ip_allocator
 from backend.engine.jobs import JobContext
 from backend.errors import InvalidInput
-from backend.hypervisor.domain_xml import build_domain_xml, lab_node_xml
+from backend.hypervisor.domain_xml import lab_node_xml
 
 if TYPE_CHECKING:
     from backend.engine.core import Engine
@@ -96,7 +97,9 @@ class LabCloud:
         self.validate(zones, hosts, networks, vms)
         await ctx.progress(0, message="recording the lab's zones, hosts and networks", force=True)
         for k in range(1, zones + 1):
-            await self.engine.db.write(lambda s, k=k: self._ensure_zone(s, k, hosts, networks))
+            await self.engine.db.write(
+                functools.partial(self._ensure_zone, k=k, hosts=hosts, networks=networks)
+            )
             await ctx.progress(10 * k / zones, message=f"recorded zone{k}")
         await self.attach_hosts()
         zone_ids = await self._lab_zone_ids(limit=zones)
@@ -130,8 +133,14 @@ class LabCloud:
             for t in (SystemVMType.SSVM, SystemVMType.CPVM):
                 tasks.append(step(self.engine.system_vms.ensure_zone_vm(zid, t), f"{t.value} up"))
         await asyncio.gather(*tasks)
-        await asyncio.gather(*(step(self._start_network(names), "network up") for _, names in net_ids if names))
-        summary = {"zones": len(zone_ids), "networks": len(net_ids), "vms": sum(len(n) for _, n in net_ids)}
+        await asyncio.gather(
+            *(step(self._start_network(names), "network up") for _, names in net_ids if names)
+        )
+        summary = {
+            "zones": len(zone_ids),
+            "networks": len(net_ids),
+            "vms": sum(len(n) for _, n in net_ids),
+        }
         await ctx.progress(100, message="lab converged", force=True)
         return summary
 
@@ -166,7 +175,10 @@ class LabCloud:
             s.add(ImageStore(zone_id=zone.id, name=f"{name}-images", path=str(store)))
             s.add(
                 PrimaryStorage(
-                    zone_id=zone.id, name=f"{name}-primary", pool_name=f"{name}-primary", path=str(primary)
+                    zone_id=zone.id,
+                    name=f"{name}-primary",
+                    pool_name=f"{name}-primary",
+                    path=str(primary),
                 )
             )
             s.add(
@@ -211,10 +223,14 @@ class LabCloud:
                 )
                 s.add(host)
                 await s.flush()
-                self.engine.bus.publish("host", host.id, "created", hname, state=host.state, zone_id=zone.id)
+                self.engine.bus.publish(
+                    "host", host.id, "created", hname, state=host.state, zone_id=zone.id
+                )
         public = (
             await s.scalars(
-                select(IpRange).where(IpRange.zone_id == zone.id, IpRange.purpose == NicRole.PUBLIC.value)
+                select(IpRange).where(
+                    IpRange.zone_id == zone.id, IpRange.purpose == NicRole.PUBLIC.value
+                )
             )
         ).one()
         for n in range(1, networks + 1):

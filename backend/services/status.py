@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, TypedDict
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from backend.api.types import (
+    GuestVMNode,
+    HostNode,
+    NetworkNode,
+    RouterNode,
+    StatusTree,
+    SystemVMNode,
+)
 from backend.db.models import (
     GuestNetwork,
     GuestVM,
@@ -19,50 +27,6 @@ from backend.db.models import (
     VMState,
     Zone,
 )
-
-
-class HostNode(TypedDict):
-    name: str
-    state: str
-    uri: str
-
-
-class SystemVMNode(TypedDict):
-    name: str
-    type: str
-    state: str
-    host: str | None
-    control_ip: str | None
-
-
-class RouterNode(TypedDict):
-    name: str
-    state: str
-
-
-class GuestVMNode(TypedDict):
-    name: str
-    state: str
-    ip: str | None
-
-
-class NetworkNode(TypedDict):
-    name: str
-    cidr: str
-    router: RouterNode | None
-    vms: list[GuestVMNode]
-
-
-class ZoneNode(TypedDict):
-    name: str
-    state: str
-    hosts: list[HostNode]
-    system_vms: list[SystemVMNode]
-    networks: list[NetworkNode]
-
-
-class StatusTree(TypedDict):
-    zones: list[ZoneNode]
 
 
 async def status_tree(s: AsyncSession) -> StatusTree:
@@ -108,7 +72,9 @@ async def status_tree(s: AsyncSession) -> StatusTree:
         )
     vms_by_net: dict[int, list[GuestVMNode]] = defaultdict(list)
     for g in gvms:
-        vms_by_net[g.network_id].append({"name": g.name, "state": g.state, "ip": guest_ip.get(g.id)})
+        vms_by_net[g.network_id].append(
+            {"name": g.name, "state": g.state, "ip": guest_ip.get(g.id)}
+        )
     nets_by_zone: dict[int, list[NetworkNode]] = defaultdict(list)
     for n in nets:
         nets_by_zone[n.zone_id].append(

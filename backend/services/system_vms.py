@@ -321,7 +321,9 @@ class SystemVMService:
         async with self.engine.db.read() as s:
             vm = (
                 await s.scalars(
-                    select(SystemVM).where(SystemVM.id == vm_id).options(selectinload(SystemVM.nics))
+                    select(SystemVM)
+                    .where(SystemVM.id == vm_id)
+                    .options(selectinload(SystemVM.nics))
                 )
             ).first()
             if vm is None:

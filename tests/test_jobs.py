@@ -1,0 +1,139 @@
+"""Jobs: after an engine dies, each interrupted job is resumed or failed with its reason."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.db.database import Database
+from backend.db.models import Job
+from backend.engine.events import EventBus
+from backend.engine.jobs import JobContext, JobKind, JobRunner
+from backend.errors import Conflict
+from backend.hypervisor.connection import HostConnection, HypervisorError
+
+
+async def _runner(path: Path) -> tuple[Database, EventBus, JobRunner]:
+    db = Database(path)
+    await db.open()
+    bus = EventBus(db)
+    await bus.start()
+    return db, bus, JobRunner(db, bus, progress_interval=0)
+
+
+async def _left_running(db: Database, kind: str) -> int:
+    """Write the row a killed engine leaves behind: a job still marked running."""
+
+    async def work(s: AsyncSession) -> int:
+        job = Job(kind=kind, state="running", attempts=1, params={"n": 1})
+        s.add(job)
+        await s.flush()
+        return job.id
+
+    return await db.write(work)
+
+
+async def test_interrupted_job_that_cannot_resume_fails_with_the_reason(tmp_path: Path) -> None:
+    db, bus, runner = await _runner(tmp_path / "db")
+
+    async def reboot(ctx: JobContext) -> dict[str, Any]:
+        raise AssertionError("must not run again")
+
+    runner.register(
+        JobKind(
+            "systemvm.reboot",
+            reboot,
+            resumable=False,
+            why_not_resumable="a reboot half done must be re-checked by hand",
+        )
+    )
+    job_id = await _left_running(db, "systemvm.reboot")
+    unknown_id = await _left_running(db, "retired.kind")
+    await runner.recover()
+    job = await runner.get(job_id)
+    assert job.state == "failed"
+    assert "engine stopped while this job ran" in job.error and "re-checked by hand" in job.error
+    unknown = await runner.get(unknown_id)
+    assert unknown.state == "failed" and "unknown to this engine" in unknown.error
+    await bus.stop()
+    await db.close()
+
+
+async def test_interrupted_resumable_job_runs_again_and_finishes(tmp_path: Path) -> None:
+    db, bus, runner = await _runner(tmp_path / "db")
+    runs: list[int] = []
+
+    async def converge(ctx: JobContext) -> dict[str, Any]:
+        runs.append(ctx.attempt)
+        await ctx.progress(50, message="half way")
+        return {"ok": True}
+
+    runner.register(JobKind("lab.up", converge, resumable=True))
+    job_id = await _left_running(db, "lab.up")
+    await runner.recover()
+    job = await runner.wait(job_id, timeout=5)
+    assert job.state == "succeeded" and job.result == {"ok": True}
+    assert job.attempts == 2 and runs == [2]
+    await bus.stop()
+    await db.close()
+
+
+async def test_progress_and_states_are_published_as_events(tmp_path: Path) -> None:
+    db, bus, runner = await _runner(tmp_path / "db")
+    sub = bus.subscribe(["job"])
+
+    async def work(ctx: JobContext) -> None:
+        for pct in (25, 50, 75):
+            await ctx.progress(pct, bytes_done=pct, bytes_total=100)
+
+    runner.register(JobKind("demo", work, resumable=True))
+    job = await runner.submit("demo")
+    await runner.wait(job.id, 5)
+    seen = []
+    while not sub.queue.empty():
+        ev = await sub.get()
+        assert ev is not None
+        seen.append((ev.fields["state"], ev.fields["progress"]))
+    assert seen[0] == ("queued", 0.0) and seen[-1] == ("succeeded", 100.0)
+    assert ("running", 50.0) in seen
+    with pytest.raises(Conflict, match="already succeeded"):
+        await runner.cancel(job.id)
+    await bus.stop()
+    await db.close()
+
+
+async def test_clean_stop_requeues_resumable_jobs_and_fails_the_others(tmp_path: Path) -> None:
+    db, bus, runner = await _runner(tmp_path / "db")
+
+    async def forever(ctx: JobContext) -> None:
+        await asyncio.sleep(3600)
+
+    runner.register(JobKind("slow.resumable", forever, resumable=True))
+    runner.register(
+        JobKind("slow.once", forever, resumable=False, why_not_resumable="it is not idempotent")
+    )
+    a = await runner.submit("slow.resumable")
+    b = await runner.submit("slow.once")
+    await asyncio.sleep(0.1)
+    await runner.stop()
+    assert (await runner.get(a.id)).state == "queued"
+    failed = await runner.get(b.id)
+    assert failed.state == "failed" and "not idempotent" in failed.error
+    await bus.stop()
+    await db.close()
+
+
+async def test_unreachable_libvirt_uri_is_one_clear_error_naming_host_and_uri(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "no-such-host.xml"
+    conn = HostConnection(1, "zone9-host9", f"test://{missing}")
+    with pytest.raises(HypervisorError) as err:
+        await conn.domain_states()
+    message = str(err.value)
+    assert "zone9-host9" in message and str(missing) in message and "\n" not in message
+    await conn.close()
