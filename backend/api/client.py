@@ -167,5 +167,37 @@ class RemoteEngine:
                 with contextlib.suppress(Exception):
                     await self.call("unsubscribe", subscription=sid)
 
+    async def system_vms_list(self, zone: str | None = None) -> list[dict[str, Any]]:
+        return list(await self.call("system_vms_list", zone=zone))
+
+    async def system_vm(self, name: str) -> dict[str, Any]:
+        return dict(await self.call("system_vm", name=name))
+
+    async def system_vm_action(
+        self, name: str, action: str, host: str | None = None, force: bool = False
+    ) -> JobInfo:
+        job: JobInfo = await self.call(
+            "system_vm_action", name=name, action=action, host=host, force=force
+        )
+        return job
+
+    async def guest_vm_deploy(self, network: str, name: str) -> JobInfo:
+        job: JobInfo = await self.call("guest_vm_deploy", network=network, name=name)
+        return job
+
+    async def guest_vm_action(self, name: str, action: str, force: bool = False) -> JobInfo:
+        job: JobInfo = await self.call("guest_vm_action", name=name, action=action, force=force)
+        return job
+
+    async def network_restart(self, name: str, cleanup: bool = False) -> JobInfo:
+        job: JobInfo = await self.call("network_restart", name=name, cleanup=cleanup)
+        return job
+
+    async def lab_crash(self, vm: str, undefine: bool = False) -> dict[str, Any]:
+        return dict(await self.call("lab_crash", vm=vm, undefine=undefine))
+
+    async def lab_host(self, host: str, up: bool) -> dict[str, Any]:
+        return dict(await self.call("lab_host", host=host, up=up))
+
     async def shutdown(self) -> None:
         await self.call("shutdown")

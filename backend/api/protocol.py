@@ -14,7 +14,19 @@ from typing import Any, Protocol, runtime_checkable
 from backend.api.types import EventRecord, JobInfo, StatusTree
 
 # Methods that change state; a read-only engine or client refuses them (ReadOnly).
-MUTATING = frozenset({"lab_up", "lab_down", "cancel_job"})
+MUTATING = frozenset(
+    {
+        "lab_up",
+        "lab_down",
+        "cancel_job",
+        "system_vm_action",
+        "guest_vm_deploy",
+        "guest_vm_action",
+        "network_restart",
+        "lab_crash",
+        "lab_host",
+    }
+)
 
 
 @runtime_checkable
@@ -71,6 +83,44 @@ class EngineAPI(Protocol):
     def subscribe(self, entities: Iterable[str] | None = None) -> AsyncIterator[EventRecord]:
         """Live events from now on (all entities, or only those named: zone, host, system_vm,
         network, guest_vm, job, ...). Ends when the engine goes away."""
+        ...
+
+    async def system_vms_list(self, zone: str | None = None) -> list[dict[str, Any]]:
+        """System VMs (all zones, or one) with id, name, type, state, zone, host, network,
+        control_ip, started_at, last_error, boot_args and nics [{device, role, ip, netmask, mac}]."""
+        ...
+
+    async def system_vm(self, name: str) -> dict[str, Any]:
+        """One system VM, as in `system_vms_list` (NotFound if there is none of that name)."""
+        ...
+
+    async def system_vm_action(
+        self, name: str, action: str, host: str | None = None, force: bool = False
+    ) -> JobInfo:
+        """Start a job: `action` is start | stop | reboot | destroy | migrate. `host` is the
+        migration target (default: the least loaded other Up host of the zone); `force` powers
+        off at once on stop. Destroyed SSVMs/CPVMs are replaced by the zone's reconciler."""
+        ...
+
+    async def guest_vm_deploy(self, network: str, name: str) -> JobInfo:
+        """Start a job deploying and starting guest VM `name` on `network` (its router first)."""
+        ...
+
+    async def guest_vm_action(self, name: str, action: str, force: bool = False) -> JobInfo:
+        """Start a job: `action` is start | stop | destroy."""
+        ...
+
+    async def network_restart(self, name: str, cleanup: bool = False) -> JobInfo:
+        """Start a job restarting the network's router; `cleanup` destroys it and makes a new one."""
+        ...
+
+    async def lab_crash(self, vm: str, undefine: bool = False) -> dict[str, Any]:
+        """Lab fault injection: destroy (or undefine) a VM's domain directly on its host, as
+        `virsh destroy` would; the engine learns of it from libvirt's lifecycle event."""
+        ...
+
+    async def lab_host(self, host: str, up: bool) -> dict[str, Any]:
+        """Lab fault injection: make a lab host's libvirt connection fail (up=False) or recover."""
         ...
 
     async def shutdown(self) -> None:

@@ -19,6 +19,14 @@ METHODS = (
     "wait_job",
     "cancel_job",
     "events",
+    "system_vms_list",
+    "system_vm",
+    "system_vm_action",
+    "guest_vm_deploy",
+    "guest_vm_action",
+    "network_restart",
+    "lab_crash",
+    "lab_host",
     "shutdown",
 )
 
@@ -34,7 +42,17 @@ def to_wire(value: Any) -> Any:
 
 def from_wire(method: str, value: Any) -> Any:
     """Rebuild the typed result of `method` from its wire form."""
-    if method in ("lab_up", "lab_down", "job", "wait_job", "cancel_job"):
+    if method in (
+        "lab_up",
+        "lab_down",
+        "job",
+        "wait_job",
+        "cancel_job",
+        "system_vm_action",
+        "guest_vm_deploy",
+        "guest_vm_action",
+        "network_restart",
+    ):
         return JobInfo.from_dict(value)
     if method == "jobs":
         return [JobInfo.from_dict(v) for v in value]

@@ -35,6 +35,7 @@ class VMState(enum.StrEnum):
     STARTING = "Starting"
     RUNNING = "Running"
     STOPPING = "Stopping"
+    MIGRATING = "Migrating"
     STOPPED = "Stopped"
     DESTROYED = "Destroyed"
     EXPUNGING = "Expunging"
@@ -172,6 +173,7 @@ class Host(Timestamped, Base):
     # Which back end plays the guests of this host: local | netns | vm.
     backend: Mapped[str] = mapped_column(String(16), default="vm")
     last_error: Mapped[str] = mapped_column(Text, default="")
+    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     zone: Mapped[Zone] = relationship(back_populates="hosts")
     __table_args__ = (CheckConstraint(f"state IN ({_enum_values(HostState)})", name="host_state"),)
 

@@ -15,23 +15,31 @@ from typing import Any
 
 import libvirt
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend import __version__
 from backend.api.types import EventRecord, JobInfo, StatusTree
 from backend.config import Config
 from backend.db.database import Database
-from backend.db.models import GuestVM, SystemVM, VMState
+from backend.db.models import GuestNetwork, GuestVM, Host, SystemVM, VMState
 from backend.engine.events import EventBus
-from backend.engine.jobs import JobKind, JobRunner
-from backend.errors import ReadOnly
+from backend.engine.jobs import JobContext, JobKind, JobRunner
+from backend.errors import Conflict, InvalidInput, NotFound, ReadOnly
 from backend.hypervisor.pool import HypervisorPool
 from backend.lab.cloud import LabCloud
 from backend.lab.local_guests import LocalGuests
-from backend.services.status import status_tree
-from backend.services.system_vms import GuestVMService, SystemVMService
+from backend.orchestration.host_monitor import HostMonitor
+from backend.orchestration.reconciler import Reconciler
+from backend.services.guest_vms import GuestVMService
+from backend.services.names import check_name
+from backend.services.status import status_tree, system_vm_details
+from backend.services.system_vms import SystemVMService
 from backend.transport.ssh import SystemVMTransport, generate_keypair, load_client_key
 
 log = logging.getLogger(__name__)
+
+SYSTEM_VM_ACTIONS = ("start", "stop", "reboot", "destroy", "migrate")
+GUEST_VM_ACTIONS = ("start", "stop", "destroy")
 
 # Lifecycle events that mean "the domain is no longer running".
 _DOWN_EVENTS = {
@@ -55,6 +63,8 @@ class Engine:
         self.system_vms = SystemVMService(self)
         self.guest_vms = GuestVMService(self)
         self.lab = LabCloud(self)
+        self.reconciler = Reconciler(self)
+        self.host_monitor = HostMonitor(self)
         self.agent_timeout = 30.0
         self.schema = ""
         self._started_at = time.monotonic()
@@ -79,14 +89,20 @@ class Engine:
         self.guests = LocalGuests(public, boot_delay=float(self.config["lab.boot_delay"]))
         self.schema = await self.db.open()
         await self.bus.start()
-        self.runner.register(JobKind("lab.up", self.lab.up, resumable=True))
-        self.runner.register(JobKind("lab.down", self.lab.down, resumable=True))
+        for kind in self._job_kinds():
+            self.runner.register(kind)
+        await self._settle_interrupted_vms()
         await self.lab.attach_hosts()
         await self.runner.recover()
+        self.reconciler.start()
+        self.host_monitor.start()
+        self.reconciler.poke()
         self._started_at = time.monotonic()
         log.info("engine started on %s (schema %s)", self.home, self.schema)
 
     async def stop(self) -> None:
+        await self.host_monitor.stop()
+        await self.reconciler.stop()
         await self.runner.stop()
         for task in list(self._background):
             task.cancel()
@@ -106,23 +122,162 @@ class Engine:
 
     # -- libvirt lifecycle: record what was observed -------------------------------------------
 
+    async def _settle_interrupted_vms(self) -> None:
+        """VMs a killed engine left half way (Starting, Stopping, Migrating) are Stopped: no
+        action of this engine is working on them, so the reconciler (or a job resumed) may
+        start them again. Expunging VMs stay for their resumed destroy job."""
+        half_way = [VMState.STARTING.value, VMState.STOPPING.value, VMState.MIGRATING.value]
+
+        async def work(s: AsyncSession) -> list[tuple[str, int, str, str]]:
+            changed = []
+            for svm in (
+                await s.scalars(select(SystemVM).where(SystemVM.state.in_(half_way)))
+            ).all():
+                changed.append(("system_vm", svm.id, svm.name, svm.state))
+                svm.last_error = f"the engine stopped while this VM was {svm.state}"
+                svm.state = VMState.STOPPED.value
+            for gvm in (await s.scalars(select(GuestVM).where(GuestVM.state.in_(half_way)))).all():
+                changed.append(("guest_vm", gvm.id, gvm.name, gvm.state))
+                gvm.state = VMState.STOPPED.value
+            return changed
+
+        for entity, vm_id, name, was in await self.db.write(work):
+            log.info("%s was %s when the engine stopped; now Stopped", name, was)
+            self.bus.publish(entity, vm_id, "updated", name, state=VMState.STOPPED.value)
+
     def _on_lifecycle(self, host_id: int, name: str, event: int, detail: int) -> None:
         if event in _DOWN_EVENTS:
-            self._spawn(self._observed_down(name, event), f"observe-{name}")
+            self._spawn(self._observed_down(host_id, name, event), f"observe-{name}")
 
-    async def _observed_down(self, name: str, event: int) -> None:
-        """A domain stopped behind the engine's back (not during our own stop): record it."""
+    async def _observed_down(self, host_id: int, name: str, event: int) -> None:
+        """A domain stopped behind the engine's back (a crash, `virsh destroy`, an undefine):
+        record it and let the reconciler heal. Our own stops and moves are in a transitional
+        state or on another host by then, and are ignored."""
         async with self.db.read() as s:
             svm = (await s.scalars(select(SystemVM).where(SystemVM.name == name))).first()
             gvm = (await s.scalars(select(GuestVM).where(GuestVM.name == name))).first()
         why = "undefined" if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED else "stopped"
-        if svm is not None and svm.state == VMState.RUNNING.value:
+        if svm is not None and svm.host_id == host_id and svm.state == VMState.RUNNING.value:
+            if self.system_vms.lock(svm.id).locked():
+                return  # an operator action is working on it
+            log.warning("%s: domain %s outside the engine", name, why)
             await self.guests.halt(svm)
             await self.system_vms.set_state(
                 svm, VMState.STOPPED, last_error=f"domain {why} outside the engine"
             )
-        elif gvm is not None and gvm.state == VMState.RUNNING.value:
-            await self.guest_vms._set_state(gvm, VMState.STOPPED)
+            self.reconciler.poke()
+        elif gvm is not None and gvm.host_id == host_id and gvm.state == VMState.RUNNING.value:
+            if not self.guest_vms.lock(gvm.id).locked():
+                await self.guest_vms.set_state(gvm, VMState.STOPPED)
+
+    def _job_kinds(self) -> list[JobKind]:
+        """Every kind of job this engine runs, and whether an interrupted one may run again."""
+        svm, gvm = self.system_vms, self.guest_vms
+
+        async def by_name(ctx: JobContext) -> int:
+            return await svm.id_by_name(ctx.params["name"])
+
+        async def start(ctx: JobContext) -> dict[str, Any]:
+            await svm.start(await by_name(ctx))
+            return {}
+
+        async def stop(ctx: JobContext) -> dict[str, Any]:
+            await svm.stop(await by_name(ctx), force=bool(ctx.params.get("force")))
+            vm_type = ctx.params.get("type")
+            note = (
+                "the zone reconciler starts it again while the zone is Enabled"
+                if vm_type in ("ssvm", "cpvm")
+                else ""
+            )
+            return {"note": note} if note else {}
+
+        async def reboot(ctx: JobContext) -> dict[str, Any]:
+            await svm.reboot(await by_name(ctx))
+            return {}
+
+        async def destroy(ctx: JobContext) -> dict[str, Any]:
+            await svm.destroy(await by_name(ctx))
+            self.reconciler.poke()
+            return {}
+
+        async def migrate(ctx: JobContext) -> dict[str, Any]:
+            host_id = await self._host_id(ctx.params["host"]) if ctx.params.get("host") else None
+            return {"host": await svm.migrate(await by_name(ctx), host_id)}
+
+        async def vm_deploy(ctx: JobContext) -> dict[str, Any]:
+            net_id = await self._network_id(ctx.params["network"])
+            vm_id = await gvm.deploy(net_id, ctx.params["name"])
+            await ctx.progress(30, message="recorded; starting (its router first)")
+            await gvm.start(vm_id)
+            return {"id": vm_id}
+
+        async def vm_action(ctx: JobContext) -> dict[str, Any]:
+            vm_id = await gvm.id_by_name(ctx.params["name"])
+            action = ctx.params["action"]
+            if action == "start":
+                await gvm.start(vm_id)
+            elif action == "stop":
+                await gvm.stop(vm_id, force=bool(ctx.params.get("force")))
+            else:
+                await gvm.destroy(vm_id)
+            return {}
+
+        async def restart_network(ctx: JobContext) -> dict[str, Any]:
+            return await self._restart_network(ctx)
+
+        not_again = "an interrupted {} is not repeated blindly; check the VM and run it again"
+        return [
+            JobKind("lab.up", self.lab.up, resumable=True),
+            JobKind("lab.down", self.lab.down, resumable=True),
+            JobKind("systemvm.start", start, resumable=True),
+            JobKind("systemvm.stop", stop, resumable=True),
+            JobKind("systemvm.reboot", reboot, False, not_again.format("reboot")),
+            JobKind("systemvm.destroy", destroy, resumable=True),
+            JobKind("systemvm.migrate", migrate, False, not_again.format("migration")),
+            JobKind("vm.deploy", vm_deploy, resumable=True),
+            JobKind("vm.start", vm_action, resumable=True),
+            JobKind("vm.stop", vm_action, resumable=True),
+            JobKind("vm.destroy", vm_action, resumable=True),
+            JobKind("network.restart", restart_network, False, not_again.format("restart")),
+        ]
+
+    async def _restart_network(self, ctx: JobContext) -> dict[str, Any]:
+        """Restart a network's router; with cleanup, destroy it and bring up a new one."""
+        net_id = await self._network_id(ctx.params["name"])
+        async with self.db.read() as s:
+            router = (
+                await s.scalars(
+                    select(SystemVM).where(
+                        SystemVM.network_id == net_id, SystemVM.state != VMState.DESTROYED.value
+                    )
+                )
+            ).first()
+        old = router.name if router else None
+        if router is not None and ctx.params.get("cleanup"):
+            await ctx.progress(10, message=f"destroying {router.name}", force=True)
+            await self.system_vms.destroy(router.id)
+        elif router is not None and router.state == VMState.RUNNING.value:
+            await ctx.progress(10, message=f"rebooting {router.name}", force=True)
+            await self.system_vms.reboot(router.id)
+        await ctx.progress(50, message="bringing the router up", force=True)
+        new_id = await self.system_vms.ensure_router(net_id)
+        async with self.db.read() as s:
+            new = await s.get(SystemVM, new_id)
+        return {"old_router": old, "router": new.name if new else None}
+
+    async def _host_id(self, name: str) -> int:
+        async with self.db.read() as s:
+            host_id = await s.scalar(select(Host.id).where(Host.name == name))
+        if host_id is None:
+            raise NotFound(f"no host named {name!r}; `sysvm status` lists them")
+        return int(host_id)
+
+    async def _network_id(self, name: str) -> int:
+        async with self.db.read() as s:
+            net_id = await s.scalar(select(GuestNetwork.id).where(GuestNetwork.name == name))
+        if net_id is None:
+            raise NotFound(f"no network named {name!r}; `sysvm status` lists them")
+        return int(net_id)
 
     # -- EngineAPI ---------------------------------------------------------------------------
 
@@ -193,6 +348,111 @@ class Engine:
                 yield event
         finally:
             sub.close()
+
+    async def system_vms_list(self, zone: str | None = None) -> list[dict[str, Any]]:
+        async with self.db.read() as s:
+            return await system_vm_details(s, zone=zone)
+
+    async def system_vm(self, name: str) -> dict[str, Any]:
+        async with self.db.read() as s:
+            found = await system_vm_details(s, name=name)
+        if not found:
+            raise NotFound(f"no system VM named {name!r}; `sysvm systemvm list` shows them")
+        return found[0]
+
+    async def system_vm_action(
+        self, name: str, action: str, host: str | None = None, force: bool = False
+    ) -> JobInfo:
+        self._writable(f"{action} {name}")
+        if action not in SYSTEM_VM_ACTIONS:
+            raise InvalidInput(
+                "action", f"must be one of {', '.join(SYSTEM_VM_ACTIONS)}, got {action!r}"
+            )
+        if host is not None and action != "migrate":
+            raise InvalidInput("host", "only migrate takes a target host")
+        vm = await self.system_vm(name)  # NotFound before a job is made
+        if host is not None:
+            await self._host_id(host)
+        params: dict[str, Any] = {"name": name, "type": vm["type"]}
+        if host is not None:
+            params["host"] = host
+        if force:
+            params["force"] = True
+        return await self.runner.submit(
+            f"systemvm.{action}",
+            params,
+            target_type="system_vm",
+            target_id=vm["id"],
+            target_name=name,
+        )
+
+    async def guest_vm_deploy(self, network: str, name: str) -> JobInfo:
+        self._writable(f"deploy {name}")
+        check_name("name", name)
+        await self._network_id(network)
+        async with self.db.read() as s:
+            if await s.scalar(select(GuestVM.id).where(GuestVM.name == name)) is not None:
+                raise Conflict(f"a guest VM named {name!r} already exists")
+        return await self.runner.submit(
+            "vm.deploy",
+            {"network": network, "name": name},
+            target_type="guest_vm",
+            target_name=name,
+        )
+
+    async def guest_vm_action(self, name: str, action: str, force: bool = False) -> JobInfo:
+        self._writable(f"{action} {name}")
+        if action not in GUEST_VM_ACTIONS:
+            raise InvalidInput(
+                "action", f"must be one of {', '.join(GUEST_VM_ACTIONS)}, got {action!r}"
+            )
+        vm_id = await self.guest_vms.id_by_name(name)
+        return await self.runner.submit(
+            f"vm.{action}",
+            {"name": name, "action": action, "force": force},
+            target_type="guest_vm",
+            target_id=vm_id,
+            target_name=name,
+        )
+
+    async def network_restart(self, name: str, cleanup: bool = False) -> JobInfo:
+        self._writable(f"restart {name}")
+        net_id = await self._network_id(name)
+        return await self.runner.submit(
+            "network.restart",
+            {"name": name, "cleanup": cleanup},
+            target_type="network",
+            target_id=net_id,
+            target_name=name,
+        )
+
+    async def lab_crash(self, vm: str, undefine: bool = False) -> dict[str, Any]:
+        """Fault injection: destroy (or undefine) a lab VM's domain directly on its host's
+        libvirt connection, bypassing every engine service, as `virsh destroy` would."""
+        self._writable(f"crash {vm}")
+        async with self.db.read() as s:
+            row = (await s.scalars(select(SystemVM).where(SystemVM.name == vm))).first() or (
+                await s.scalars(select(GuestVM).where(GuestVM.name == vm))
+            ).first()
+            host = await s.get(Host, row.host_id) if row is not None and row.host_id else None
+        if row is None or host is None:
+            raise NotFound(f"no VM named {vm!r} on a host")
+        if host.backend != "local":
+            raise Conflict(f"{vm} is on {host.name}, not a lab host; use virsh there")
+        await self.hypervisors.get(host.id).destroy(vm, undefine=undefine)
+        return {"vm": vm, "host": host.name, "undefined": undefine}
+
+    async def lab_host(self, host: str, up: bool) -> dict[str, Any]:
+        """Fault injection: make a lab host's libvirt connection fail (`up=False`) or recover."""
+        self._writable(f"host-{'up' if up else 'down'} {host}")
+        host_id = await self._host_id(host)
+        async with self.db.read() as s:
+            row = await s.get(Host, host_id)
+        if row is None or row.backend != "local":
+            raise Conflict(f"{host} is not a lab host")
+        conn = self.hypervisors.get(host_id)
+        conn.simulated_outage = "" if up else "host does not answer (lab host-down)"
+        return {"host": host, "reachable": up}
 
     async def shutdown(self) -> None:
         self.shutdown_requested.set()

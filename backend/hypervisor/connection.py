@@ -37,6 +37,14 @@ DOMAIN_STATES = {
 }
 
 
+_CONNECTION_ERRORS = {
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+}
+
+
 class HypervisorError(SysvmError):
     """A libvirt call on a host failed; the message names the host and the call."""
 
@@ -78,22 +86,47 @@ class HostConnection:
         self._conn: libvirt.virConnect | None = None
         self._callback_id: int | None = None
         self._open_lock = asyncio.Lock()
+        self.call_timeout = 30.0
+        # Set by the lab's `host-down`: every call fails as if the host stopped answering.
+        self.simulated_outage = ""
+        self._failures = 0
+        self._next_open_at = 0.0
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
     async def open(self) -> None:
+        """Connect (once); after a failure, retry no sooner than an exponential backoff allows."""
         async with self._open_lock:
             if self._conn is not None:
                 return
+            loop = asyncio.get_running_loop()
+            wait = self._next_open_at - loop.time()
+            if wait > 0:
+                raise HypervisorError(
+                    f"host {self.name}: cannot connect to {self.uri} (next attempt in {wait:.1f} s)"
+                )
             register_event_loop()
             try:
-                conn = await self._in_thread(libvirt.open, self.uri)
-            except libvirt.libvirtError as exc:
+                conn = await asyncio.wait_for(
+                    self._in_thread(libvirt.open, self.uri), self.call_timeout
+                )
+            except (libvirt.libvirtError, TimeoutError) as exc:
+                self._failures += 1
+                self._next_open_at = loop.time() + min(0.5 * 2**self._failures, 30.0)
+                why = (
+                    exc.get_error_message()
+                    if isinstance(exc, libvirt.libvirtError)
+                    else f"no answer within {self.call_timeout} s"
+                )
                 raise HypervisorError(
-                    f"host {self.name}: cannot connect to {self.uri}: {exc.get_error_message()}"
+                    f"host {self.name}: cannot connect to {self.uri}: {why}"
                 ) from exc
+            self._failures = 0
+            if not self.uri.startswith("test:"):
+                # Remote and daemon connections: notice a dead peer within ~15 s.
+                await self._in_thread(conn.setKeepAlive, 5, 3)
             if self._on_lifecycle is not None:
                 self._callback_id = await self._in_thread(
                     conn.domainEventRegisterAny,
@@ -123,14 +156,24 @@ class HostConnection:
             await self._in_thread(_close)
         self._executor.shutdown(wait=False)
 
-    async def call(self, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
-        """Run `fn(conn)` in this host's thread; libvirt errors become HypervisorError."""
+    async def call(
+        self, what: str, fn: Callable[[libvirt.virConnect], T], *, timeout: float | None = None
+    ) -> T:
+        """Run `fn(conn)` in this host's thread, bounded by a timeout; libvirt errors become
+        HypervisorError. A broken connection is dropped and reopened by a later call."""
+        if self.simulated_outage:
+            raise HypervisorError(f"host {self.name}: {what}: {self.simulated_outage}")
         await self.open()
         conn = self._conn
         assert conn is not None
+        limit = timeout if timeout is not None else self.call_timeout
         try:
-            return await self._in_thread(fn, conn)
+            return await asyncio.wait_for(self._in_thread(fn, conn), limit)
+        except TimeoutError as exc:
+            raise HypervisorError(f"host {self.name}: {what}: no answer within {limit} s") from exc
         except libvirt.libvirtError as exc:
+            if exc.get_error_code() in _CONNECTION_ERRORS:
+                self._conn = None  # reopened (with backoff) by the next call
             raise HypervisorError(f"host {self.name}: {what}: {exc.get_error_message()}") from exc
 
     async def define_and_start(self, name: str, xml: str) -> None:
@@ -165,6 +208,39 @@ class HostConnection:
                 dom.undefine()
 
         await self.call(f"destroy {name}", work)
+
+    async def shutdown(self, name: str, *, timeout: float) -> None:
+        """Ask the guest to shut down, wait up to `timeout` s, then power it off; absent is fine."""
+
+        def ask(conn: libvirt.virConnect) -> bool:
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False
+                raise
+            if not dom.isActive():
+                return False
+            if timeout > 0:
+                dom.shutdown()
+            return True
+
+        if not await self.call(f"shut down {name}", ask):
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            states = await self.domain_states()
+            if states.get(name, "shutoff") == "shutoff":
+                return
+            await asyncio.sleep(0.2)
+        await self.destroy(name)
+
+    async def reboot(self, name: str) -> None:
+        await self.call(f"reboot {name}", lambda conn: conn.lookupByName(name).reboot(0))
+
+    async def ping(self, timeout: float) -> None:
+        """A cheap round trip proving the host answers."""
+        await self.call("ping", lambda conn: conn.getLibVersion(), timeout=timeout)
 
     async def domain_states(self) -> dict[str, str]:
         """Every domain of the host and its libvirt state name."""

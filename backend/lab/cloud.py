@@ -44,7 +44,7 @@ from backend.db.models import (
     Zone,
 )
 from backend.engine.jobs import JobContext
-from backend.errors import InvalidInput
+from backend.errors import InvalidInput, SysvmError
 from backend.hypervisor.domain_xml import lab_node_xml
 
 if TYPE_CHECKING:
@@ -117,25 +117,29 @@ class LabCloud:
             for name in names:
                 await self.engine.guest_vms.deploy(net_id, name)
 
-        total = len(zone_ids) * 2 + sum(len(n) + (1 if n else 0) for _, n in net_ids)
+        # The zone reconciler brings up each zone's SSVM and CPVM; the lab waits for it.
+        self.engine.reconciler.poke()
+        total = len(zone_ids) * 2 + sum(len(n) for _, n in net_ids)
         done = 0
         limit = asyncio.Semaphore(16)
 
-        async def step(coro: Any, what: str) -> None:
+        async def step(coro: Any, what: str, weight: int) -> None:
             nonlocal done
             async with limit:
                 await coro
-            done += 1
+            done += weight
             await ctx.progress(10 + 90 * done / max(total, 1), message=what)
 
-        tasks = []
-        for zid in zone_ids:
-            for t in (SystemVMType.SSVM, SystemVMType.CPVM):
-                tasks.append(step(self.engine.system_vms.ensure_zone_vm(zid, t), f"{t.value} up"))
-        await asyncio.gather(*tasks)
         await asyncio.gather(
-            *(step(self._start_network(names), "network up") for _, names in net_ids if names)
+            *(
+                step(self.engine.reconciler.reconcile_zone(zid), "zone system VMs up", 2)
+                for zid in zone_ids
+            )
         )
+        await asyncio.gather(
+            *(step(self._start_network(names), "network up", len(names)) for _, names in net_ids)
+        )
+        await self._wait_converged(zone_ids)
         summary = {
             "zones": len(zone_ids),
             "networks": len(net_ids),
@@ -143,6 +147,42 @@ class LabCloud:
         }
         await ctx.progress(100, message="lab converged", force=True)
         return summary
+
+    async def _wait_converged(self, zone_ids: list[int], timeout: float = 120.0) -> None:
+        """Every zone has a Running SSVM and CPVM (the reconciler's work), or say what is not."""
+        deadline = (
+            asyncio.get_running_loop().time()
+            + timeout
+            + float(self.engine.config["lab.boot_delay"])
+        )
+        while True:
+            async with self.engine.db.read() as s:
+                rows = (
+                    await s.execute(
+                        select(SystemVM.zone_id, SystemVM.type).where(
+                            SystemVM.zone_id.in_(zone_ids),
+                            SystemVM.state == VMState.RUNNING.value,
+                            SystemVM.type.in_([SystemVMType.SSVM.value, SystemVMType.CPVM.value]),
+                        )
+                    )
+                ).all()
+            have = {(z, t) for z, t in rows}
+            missing = [
+                f"zone {z} {t.value}"
+                for z in zone_ids
+                for t in (SystemVMType.SSVM, SystemVMType.CPVM)
+                if (z, t.value) not in have
+            ]
+            if not missing:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise SysvmError(
+                    "the lab did not converge: no Running "
+                    + ", ".join(missing[:5])
+                    + "; see `sysvm events` and engine.log"
+                )
+            self.engine.reconciler.poke()
+            await asyncio.sleep(0.2)
 
     async def _start_network(self, names: list[str]) -> None:
         """Start a network's guest VMs: the first start brings its router up."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
 
 from backend.api.types import (
     GuestVMNode,
@@ -109,3 +110,54 @@ def count_objects(tree: StatusTree) -> dict[str, Any]:
         "networks": sum(len(z["networks"]) for z in zones),
         "vms": sum(len(n["vms"]) for z in zones for n in z["networks"]),
     }
+
+
+async def system_vm_details(
+    s: AsyncSession, *, zone: str | None = None, name: str | None = None
+) -> list[dict[str, Any]]:
+    """System VMs (not Destroyed) with everything an operator looks at: host, NICs, boot args."""
+    q = (
+        select(SystemVM, Zone.name, Host.name)
+        .join(Zone, Zone.id == SystemVM.zone_id)
+        .outerjoin(Host, Host.id == SystemVM.host_id)
+        .where(SystemVM.state != VMState.DESTROYED.value)
+        .options(selectinload(SystemVM.nics))
+        .order_by(SystemVM.id)
+    )
+    if zone is not None:
+        q = q.where(Zone.name == zone)
+    if name is not None:
+        q = q.where(SystemVM.name == name)
+    nets = {n.id: n.name for n in (await s.scalars(select(GuestNetwork))).all()}
+    out = []
+    for vm, zone_name, host_name in (await s.execute(q)).all():
+        out.append(
+            {
+                "id": vm.id,
+                "name": vm.name,
+                "type": vm.type,
+                "state": vm.state,
+                "zone": zone_name,
+                "host": host_name,
+                "network": nets.get(vm.network_id) if vm.network_id else None,
+                "control_ip": next(
+                    (n.ip for n in vm.nics if n.role == NicRole.CONTROL.value), None
+                ),
+                "started_at": vm.started_at.isoformat(timespec="seconds")
+                if vm.started_at
+                else None,
+                "last_error": vm.last_error,
+                "boot_args": vm.boot_args,
+                "nics": [
+                    {
+                        "device": f"eth{n.device_id}",
+                        "role": n.role,
+                        "ip": n.ip,
+                        "netmask": n.netmask,
+                        "mac": n.mac,
+                    }
+                    for n in vm.nics
+                ],
+            }
+        )
+    return out

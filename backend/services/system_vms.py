@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
 
 from backend.db import ip_allocator
 from backend.db.models import (
     GuestNetwork,
-    GuestVM,
     Host,
     HostState,
     IpRange,
@@ -84,6 +84,13 @@ async def _range(
     return rng
 
 
+def _require(vm: Any, action: str, allowed: set[VMState]) -> None:
+    """Refuse `action` on a VM in a state it cannot be done from, saying why."""
+    if VMState(vm.state) not in allowed:
+        states = ", ".join(sorted(s.value for s in allowed))
+        raise Conflict(f"cannot {action} {vm.name}: it is {vm.state} (possible when {states})")
+
+
 def _netmask(cidr: str) -> str:
     return str(ipaddress.ip_network(cidr, strict=False).netmask)
 
@@ -92,6 +99,7 @@ class SystemVMService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._locks: dict[int, asyncio.Lock] = {}
+        self._network_locks: dict[int, asyncio.Lock] = {}
 
     def lock(self, vm_id: int) -> asyncio.Lock:
         """Actions on one VM are serialized through its lock."""
@@ -151,8 +159,10 @@ class SystemVMService:
         )
         return vm_id
 
-    async def _pick_host(self, s: AsyncSession, zone_id: int) -> Host:
-        """The Up host of the zone running the fewest system VMs."""
+    async def _pick_host(
+        self, s: AsyncSession, zone_id: int, *, exclude: set[int] | None = None
+    ) -> Host:
+        """The Up host of the zone running the fewest system VMs (not one of `exclude`)."""
         load = (
             select(SystemVM.host_id, func.count().label("n"))
             .where(SystemVM.state != VMState.DESTROYED.value)
@@ -163,13 +173,20 @@ class SystemVMService:
             await s.scalars(
                 select(Host)
                 .outerjoin(load, load.c.host_id == Host.id)
-                .where(Host.zone_id == zone_id, Host.state == HostState.UP.value)
+                .where(
+                    Host.zone_id == zone_id,
+                    Host.state == HostState.UP.value,
+                    Host.id.not_in(exclude or set()),
+                )
                 .order_by(func.coalesce(load.c.n, 0), Host.id)
                 .limit(1)
             )
         ).first()
         if host is None:
-            raise Conflict(f"zone {zone_id} has no host in state Up to place a system VM on")
+            raise Conflict(
+                f"zone {zone_id} has no {'other ' if exclude else ''}host in state Up "
+                "to place a VM on"
+            )
         return host
 
     async def _nic(
@@ -241,20 +258,25 @@ class SystemVMService:
         args["dns1"] = zone.dns or "192.0.2.53"
         return args
 
-    async def start(self, vm_id: int) -> None:
-        """Define and start the domain on its host, boot the guest, wait for its agent: Running."""
+    async def start(self, vm_id: int, *, host_id: int | None = None) -> None:
+        """Define and start the domain on its host (or `host_id`), boot the guest, wait for its
+        agent: Running. Starting a Running VM is a no-op."""
         async with self.lock(vm_id):
-            await self._start_locked(vm_id)
+            await self._start_locked(vm_id, host_id)
 
-    async def _start_locked(self, vm_id: int) -> None:
+    async def _start_locked(self, vm_id: int, host_id: int | None = None) -> None:
         vm, host = await self._load(vm_id)
-        if vm.state == VMState.RUNNING.value:
+        if vm.state == VMState.RUNNING.value and host_id in (None, vm.host_id):
             return
-        if vm.state == VMState.DESTROYED.value:
-            raise Conflict(f"{vm.name} is Destroyed; it cannot be started")
+        _require(vm, "start", {VMState.STOPPED, VMState.ERROR, VMState.UNKNOWN, VMState.RUNNING})
+        if host_id is not None and host_id != vm.host_id:
+            host = await self._move(vm, host_id)
         if host is None or host.state != HostState.UP.value:
-            raise Conflict(f"{vm.name}: its host is not Up; migrate it or wait for the host")
-        await self.set_state(vm, VMState.STARTING)
+            raise Conflict(
+                f"{vm.name}: its host {host.name if host else '(none)'} is not Up; "
+                "migrate it or wait for the host"
+            )
+        await self.set_state(vm, VMState.STARTING, last_error="")
         try:
             conn = self.engine.hypervisors.get(host.id)
             await conn.define_and_start(vm.name, self.domain_xml(vm, host))
@@ -264,6 +286,25 @@ class SystemVMService:
             await self.set_state(vm, VMState.ERROR, last_error=str(exc))
             raise
         await self.set_state(vm, VMState.RUNNING, started_at=utcnow(), last_error="")
+
+    async def _move(self, vm: SystemVM, host_id: int) -> Host:
+        """Record that `vm` now lives on `host_id` (its domain is defined there on start)."""
+
+        async def work(s: AsyncSession) -> Host:
+            host = await s.get(Host, host_id)
+            if host is None:
+                raise NotFound(f"host {host_id} does not exist")
+            if host.zone_id != vm.zone_id:
+                raise Conflict(f"{host.name} is not in the zone of {vm.name}")
+            row = await s.get(SystemVM, vm.id)
+            assert row is not None
+            row.host_id = host.id
+            return host
+
+        host = await self.engine.db.write(work)
+        vm.host_id = host.id
+        self.engine.bus.publish("system_vm", vm.id, "updated", vm.name, host=host.name)
+        return host
 
     def domain_xml(self, vm: SystemVM, host: Host, *, runstate: int | None = None) -> str:
         spec = DomainSpec(
@@ -304,20 +345,120 @@ class SystemVMService:
             await asyncio.sleep(0.1)
         raise SysvmError(f"{vm.name}: its agent did not answer over SSH in time ({last_error})")
 
-    async def stop(self, vm_id: int) -> None:
+    async def stop(self, vm_id: int, *, force: bool = False) -> None:
+        """Shut the guest down gracefully, power it off after `systemvm.stop_timeout` (at once
+        with `force`): Stopping -> Stopped. Stopping a Stopped VM is a no-op."""
         async with self.lock(vm_id):
             vm, host = await self._load(vm_id)
-            if vm.state in (VMState.STOPPED.value, VMState.DESTROYED.value):
+            if vm.state == VMState.STOPPED.value:
                 return
+            _require(vm, "stop", {VMState.RUNNING, VMState.ERROR, VMState.UNKNOWN})
             await self.set_state(vm, VMState.STOPPING)
             await self.engine.guests.halt(vm)
             if host is not None:
-                await self.engine.hypervisors.get(host.id).destroy(vm.name)
+                conn = self.engine.hypervisors.get(host.id)
+                timeout = 0.0 if force else float(self.engine.config["systemvm.stop_timeout"])
+                try:
+                    await conn.shutdown(vm.name, timeout=timeout)
+                except SysvmError as exc:
+                    await self.set_state(vm, VMState.ERROR, last_error=str(exc))
+                    raise
             await self.set_state(vm, VMState.STOPPED)
 
-    async def _load(self, vm_id: int) -> tuple[SystemVM, Host | None]:
-        from sqlalchemy.orm import selectinload
+    async def reboot(self, vm_id: int) -> None:
+        """Restart the guest in place: Running -> Stopping -> Starting -> Running."""
+        async with self.lock(vm_id):
+            vm, host = await self._load(vm_id)
+            _require(vm, "reboot", {VMState.RUNNING})
+            assert host is not None
+            await self.set_state(vm, VMState.STOPPING)
+            await self.engine.guests.halt(vm)
+            await self.set_state(vm, VMState.STARTING)
+            try:
+                await self.engine.hypervisors.get(host.id).reboot(vm.name)
+                await self.engine.guests.boot(vm)
+                await self.wait_for_agent(vm)
+            except (SysvmError, OSError) as exc:
+                await self.set_state(vm, VMState.ERROR, last_error=str(exc))
+                raise
+            await self.set_state(vm, VMState.RUNNING, started_at=utcnow())
 
+    async def destroy(self, vm_id: int) -> None:
+        """Power off, forget the domain, give back its addresses: -> Expunging -> Destroyed.
+        The zone's reconciler then creates a replacement where one is required."""
+        async with self.lock(vm_id):
+            vm, host = await self._load(vm_id)
+            if vm.state == VMState.DESTROYED.value:
+                raise Conflict(f"{vm.name} is already Destroyed")
+            _require(
+                vm,
+                "destroy",
+                {
+                    VMState.RUNNING,
+                    VMState.STOPPED,
+                    VMState.ERROR,
+                    VMState.UNKNOWN,
+                    VMState.EXPUNGING,
+                },
+            )
+            await self.set_state(vm, VMState.EXPUNGING)
+            await self.engine.guests.halt(vm)
+            if host is not None:
+                try:
+                    await self.engine.hypervisors.get(host.id).destroy(vm.name, undefine=True)
+                except SysvmError as exc:
+                    # An unreachable host keeps its copy; host recovery removes it later.
+                    log.warning("%s: domain left on %s: %s", vm.name, host.name, exc)
+
+            async def release(s: AsyncSession) -> None:
+                for nic in (await s.scalars(select(Nic).where(Nic.system_vm_id == vm.id))).all():
+                    await ip_allocator.release(s, nic.ip_address_id)
+                    await s.delete(nic)
+
+            await self.engine.db.write(release)
+            await self.set_state(vm, VMState.DESTROYED)
+
+    async def migrate(self, vm_id: int, to_host_id: int | None = None) -> str:
+        """Move a Running VM to another Up host of its zone (the least loaded by default):
+        Running -> Migrating -> Running. Returns the new host's name."""
+        async with self.lock(vm_id):
+            vm, source = await self._load(vm_id)
+            _require(vm, "migrate", {VMState.RUNNING})
+            assert source is not None
+            async with self.engine.db.read() as s:
+                if to_host_id is None:
+                    target = await self._pick_host(s, vm.zone_id, exclude={source.id})
+                else:
+                    found = await s.get(Host, to_host_id)
+                    if found is None:
+                        raise NotFound(f"host {to_host_id} does not exist")
+                    target = found
+            if target.id == source.id:
+                raise Conflict(f"{vm.name} already runs on {target.name}")
+            if target.zone_id != vm.zone_id:
+                raise Conflict(f"{target.name} is in another zone than {vm.name}")
+            if target.state != HostState.UP.value:
+                raise Conflict(f"{target.name} is {target.state}, not Up")
+            await self.set_state(vm, VMState.MIGRATING)
+            try:
+                await self.engine.hypervisors.migrate(
+                    vm.name, source.id, target.id, self.domain_xml(vm, target)
+                )
+            except SysvmError as exc:
+                await self.set_state(vm, VMState.RUNNING, last_error=f"migration failed: {exc}")
+                raise
+            await self._move(vm, target.id)
+            await self.set_state(vm, VMState.RUNNING)
+            return target.name
+
+    async def id_by_name(self, name: str) -> int:
+        async with self.engine.db.read() as s:
+            vm_id = await s.scalar(select(SystemVM.id).where(SystemVM.name == name))
+        if vm_id is None:
+            raise NotFound(f"no system VM named {name!r}; `sysvm systemvm list` shows them")
+        return int(vm_id)
+
+    async def _load(self, vm_id: int) -> tuple[SystemVM, Host | None]:
         async with self.engine.db.read() as s:
             vm = (
                 await s.scalars(
@@ -360,17 +501,12 @@ class SystemVMService:
                 ).all()
             )
 
-    async def ensure_zone_vm(self, zone_id: int, vm_type: SystemVMType) -> int:
-        """At least one Running VM of this type in the zone: start a stopped one or create one."""
-        existing = await self.running_in_zone(zone_id, vm_type)
-        if any(v.state == VMState.RUNNING.value for v in existing):
-            return next(v.id for v in existing if v.state == VMState.RUNNING.value)
-        vm_id = existing[0].id if existing else await self.create(zone_id, vm_type)
-        await self.start(vm_id)
-        return vm_id
-
     async def ensure_router(self, network_id: int) -> int:
         """The network's router exists and runs (created on the network's first VM start)."""
+        async with self._network_locks.setdefault(network_id, asyncio.Lock()):
+            return await self._ensure_router(network_id)
+
+    async def _ensure_router(self, network_id: int) -> int:
         async with self.engine.db.read() as s:
             net = await s.get(GuestNetwork, network_id)
             if net is None:
@@ -390,109 +526,3 @@ class SystemVMService:
         )
         await self.start(vm_id)
         return vm_id
-
-
-class GuestVMService:
-    """Guest VMs (instances): deploy on a network, start (its router first), stop."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    async def deploy(self, network_id: int, name: str) -> int:
-        async def work(s: AsyncSession) -> tuple[int, str]:
-            net = await s.get(GuestNetwork, network_id)
-            if net is None:
-                raise NotFound(f"network {network_id} does not exist")
-            existing = (await s.scalars(select(GuestVM).where(GuestVM.name == name))).first()
-            if existing is not None:
-                return existing.id, existing.state
-            host = await SystemVMService(self.engine)._pick_host(s, net.zone_id)
-            vm = GuestVM(
-                name=name,
-                zone_id=net.zone_id,
-                network_id=net.id,
-                host_id=host.id,
-                state=VMState.STOPPED.value,
-                uuid=str(uuid.uuid4()),
-            )
-            s.add(vm)
-            await s.flush()
-            rng = await _range(s, net.zone_id, NicRole.GUEST, net.id)
-            addr = await ip_allocator.allocate(s, rng, f"{name}/eth0")
-            s.add(
-                Nic(
-                    guest_vm_id=vm.id,
-                    device_id=0,
-                    role=NicRole.GUEST.value,
-                    mac=mac_for(NicRole.GUEST, addr.address, 0x800000 | vm.id, 0),
-                    ip=addr.address,
-                    netmask=_netmask(net.cidr),
-                    gateway=net.gateway,
-                    network_id=net.id,
-                    ip_address_id=addr.id,
-                )
-            )
-            return vm.id, vm.state
-
-        vm_id, state = await self.engine.db.write(work)
-        self.engine.bus.publish(
-            "guest_vm", vm_id, "created", name, state=state, network_id=network_id
-        )
-        return vm_id
-
-    async def start(self, vm_id: int) -> None:
-        from sqlalchemy.orm import selectinload
-
-        async with self.engine.db.read() as s:
-            vm = (
-                await s.scalars(
-                    select(GuestVM).where(GuestVM.id == vm_id).options(selectinload(GuestVM.nics))
-                )
-            ).first()
-            if vm is None:
-                raise NotFound(f"guest VM {vm_id} does not exist")
-            host = await s.get(Host, vm.host_id) if vm.host_id else None
-        if vm.state == VMState.RUNNING.value:
-            return
-        if host is None:
-            raise Conflict(f"{vm.name} has no host")
-        await self.engine.system_vms.ensure_router(vm.network_id)
-        await self._set_state(vm, VMState.STARTING)
-        try:
-            await self.engine.hypervisors.get(host.id).define_and_start(
-                vm.name, self.domain_xml(vm, host)
-            )
-        except SysvmError:
-            await self._set_state(vm, VMState.ERROR)
-            raise
-        await self._set_state(vm, VMState.RUNNING, started_at=utcnow())
-
-    def domain_xml(self, vm: GuestVM, host: Host, *, runstate: int | None = None) -> str:
-        spec = DomainSpec(
-            name=vm.name,
-            uuid=vm.uuid,
-            domain_type="test" if host.uri.startswith("test:") else "kvm",
-            memory_mib=512,
-            vcpus=1,
-            nics=[NicSpec(n.role, n.mac, BRIDGES[NicRole.GUEST]) for n in vm.nics],
-            vnc_listen=host.vnc_listen,
-        )
-        return build_domain_xml(spec, runstate=runstate)
-
-    async def _set_state(self, vm: GuestVM, state: VMState, **extra: Any) -> None:
-        async def work(s: AsyncSession) -> None:
-            row = await s.get(GuestVM, vm.id)
-            assert row is not None
-            row.state = state.value
-            for k, v in extra.items():
-                setattr(row, k, v)
-            if state == VMState.RUNNING:
-                net = await s.get(GuestNetwork, vm.network_id)
-                if net is not None:
-                    net.last_active_at = utcnow()
-
-        await self.engine.db.write(work)
-        vm.state = state.value
-        self.engine.bus.publish(
-            "guest_vm", vm.id, "updated", vm.name, state=state.value, network_id=vm.network_id
-        )

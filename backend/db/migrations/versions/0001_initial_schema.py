@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 21:08:13.995763
+Create Date: 2026-11-26 21:33:01.336604
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ def upgrade() -> None:
         sa.Column("vnc_listen", sa.String(length=64), nullable=False),
         sa.Column("backend", sa.String(length=16), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=False),
+        sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
@@ -263,7 +264,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
-            "state IN ('Starting', 'Running', 'Stopping', 'Stopped', 'Destroyed', 'Expunging', 'Error', 'Unknown')",
+            "state IN ('Starting', 'Running', 'Stopping', 'Migrating', 'Stopped', 'Destroyed', 'Expunging', 'Error', 'Unknown')",
             name="guestvm_state",
         ),
         sa.ForeignKeyConstraint(["host_id"], ["hosts.id"], ondelete="SET NULL"),
@@ -312,7 +313,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
-            "state IN ('Starting', 'Running', 'Stopping', 'Stopped', 'Destroyed', 'Expunging', 'Error', 'Unknown')",
+            "state IN ('Starting', 'Running', 'Stopping', 'Migrating', 'Stopped', 'Destroyed', 'Expunging', 'Error', 'Unknown')",
             name="systemvm_state",
         ),
         sa.CheckConstraint("type IN ('ssvm', 'cpvm', 'router')", name="systemvm_type"),

@@ -1,0 +1,209 @@
+"""Host health: a host that stops answering goes Alert and its VMs Unknown; when it answers again
+it goes Up, and copies of system VMs that were recreated elsewhere meanwhile are removed from it,
+so no system VM ever runs twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.db.models import GuestVM, Host, HostState, SystemVM, VMState, utcnow
+from backend.errors import SysvmError
+
+if TYPE_CHECKING:
+    from backend.engine.core import Engine
+
+log = logging.getLogger(__name__)
+
+LIVE = {VMState.RUNNING.value, VMState.STARTING.value, VMState.STOPPING.value}
+
+
+def _here_or_named(
+    model: type[SystemVM] | type[GuestVM], host_id: int, names: Iterable[str]
+) -> ColumnElement[bool]:
+    """VMs named like a domain of the host, or recorded on it while it was away."""
+    return or_(
+        model.name.in_(list(names)),
+        and_(model.host_id == host_id, model.state == VMState.UNKNOWN.value),
+    )
+
+
+class HostMonitor:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._task: asyncio.Task[None] | None = None
+        self._checking: set[int] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="host-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(float(self.engine.config["host.ping_interval"]))
+            for host_id in self.engine.hypervisors.known - self._checking:
+                # One task per host: a host that hangs never delays the checks of the others.
+                self._checking.add(host_id)
+                asyncio.create_task(self._check_one(host_id), name=f"ping-host-{host_id}")
+
+    async def _check_one(self, host_id: int) -> None:
+        try:
+            await self.check(host_id)
+        except Exception:
+            log.exception("health check of host %d failed", host_id)
+        finally:
+            self._checking.discard(host_id)
+
+    async def check(self, host_id: int) -> None:
+        async with self.engine.db.read() as s:
+            host = await s.get(Host, host_id)
+        if host is None or host.state == HostState.MAINTENANCE.value:
+            return
+        try:
+            conn = self.engine.hypervisors.get(host_id)
+            await conn.ping(timeout=float(self.engine.config["host.ping_timeout"]))
+        except SysvmError as exc:
+            if host.state == HostState.UP.value:
+                await self.host_lost(host, str(exc))
+            return
+        if host.state != HostState.UP.value:
+            await self.host_back(host)
+
+    async def host_lost(self, host: Host, reason: str) -> None:
+        """Alert the host; its VMs are Unknown until it answers again or they move elsewhere."""
+        log.warning("host %s lost: %s", host.name, reason)
+
+        async def work(s: AsyncSession) -> tuple[list[SystemVM], list[GuestVM]]:
+            row = await s.get(Host, host.id)
+            assert row is not None
+            row.state = HostState.ALERT.value
+            row.last_error = reason
+            svms = list(
+                (
+                    await s.scalars(
+                        select(SystemVM).where(
+                            SystemVM.host_id == host.id, SystemVM.state.in_(LIVE)
+                        )
+                    )
+                ).all()
+            )
+            gvms = list(
+                (
+                    await s.scalars(
+                        select(GuestVM).where(GuestVM.host_id == host.id, GuestVM.state.in_(LIVE))
+                    )
+                ).all()
+            )
+            for svm in svms:
+                svm.state = VMState.UNKNOWN.value
+            for gvm in gvms:
+                gvm.state = VMState.UNKNOWN.value
+            return svms, gvms
+
+        svms, gvms = await self.engine.db.write(work)
+        bus = self.engine.bus
+        bus.publish(
+            "host", host.id, "updated", host.name, state=HostState.ALERT.value, last_error=reason
+        )
+        for vm in svms:
+            # Its control path is gone with the host: the engine can no longer reach the guest.
+            await self.engine.guests.halt(vm)
+            bus.publish(
+                "system_vm",
+                vm.id,
+                "updated",
+                vm.name,
+                state=VMState.UNKNOWN.value,
+                type=vm.type,
+                zone_id=vm.zone_id,
+            )
+        for g in gvms:
+            bus.publish(
+                "guest_vm",
+                g.id,
+                "updated",
+                g.name,
+                state=VMState.UNKNOWN.value,
+                network_id=g.network_id,
+            )
+        self.engine.reconciler.poke()
+
+    async def host_back(self, host: Host) -> None:
+        """Up again: remove duplicates of VMs that moved away, re-observe the VMs still here."""
+        log.info("host %s answers again", host.name)
+        conn = self.engine.hypervisors.get(host.id)
+        try:
+            domains = await conn.domain_states()
+        except SysvmError as exc:
+            log.warning("host %s: cannot list domains after recovery: %s", host.name, exc)
+            return
+        async with self.engine.db.read() as s:
+            svms = {
+                v.name: v
+                for v in (
+                    await s.scalars(
+                        select(SystemVM).where(_here_or_named(SystemVM, host.id, domains))
+                    )
+                ).all()
+            }
+            gvms = {
+                v.name: v
+                for v in (
+                    await s.scalars(
+                        select(GuestVM).where(_here_or_named(GuestVM, host.id, domains))
+                    )
+                ).all()
+            }
+        for name in domains:
+            vm: SystemVM | GuestVM | None = svms.get(name) or gvms.get(name)
+            if vm is None:
+                continue
+            moved = vm.host_id != host.id or vm.state in (
+                VMState.DESTROYED.value,
+                VMState.EXPUNGING.value,
+            )
+            if moved:
+                log.warning(
+                    "%s also runs on %s (moved or destroyed meanwhile): removing that copy",
+                    name,
+                    host.name,
+                )
+                await conn.destroy(name, undefine=True)
+
+        async def work(s: AsyncSession) -> None:
+            row = await s.get(Host, host.id)
+            assert row is not None
+            row.state = HostState.UP.value
+            row.last_error = ""
+            row.last_seen_at = utcnow()
+
+        await self.engine.db.write(work)
+        self.engine.bus.publish(
+            "host", host.id, "updated", host.name, state=HostState.UP.value, last_error=""
+        )
+        # VMs still assigned here and Unknown: running domains come back, the others are Stopped.
+        for name, svm in svms.items():
+            if svm.host_id == host.id and svm.state == VMState.UNKNOWN.value:
+                if domains.get(name) == "running":
+                    await self.engine.guests.boot(svm)
+                    await self.engine.system_vms.set_state(svm, VMState.RUNNING)
+                else:
+                    await self.engine.system_vms.set_state(svm, VMState.STOPPED)
+        for name, gvm in gvms.items():
+            if gvm.host_id == host.id and gvm.state == VMState.UNKNOWN.value:
+                running = domains.get(name) == "running"
+                await self.engine.guest_vms.set_state(
+                    gvm, VMState.RUNNING if running else VMState.STOPPED
+                )
+        self.engine.reconciler.poke()
