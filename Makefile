@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # venv support, and tmux (the console is meant to live in it).
 SYSTEM_PACKAGES := libvirt-dev libvirt0 pkg-config gcc python3-dev python3-venv tmux
 
-.PHONY: run test bench screenshots lint system-packages venv clean
+.PHONY: run test bench screenshots lint system-packages venv libvirtd clean
 
 system-packages:
 	@sh scripts/system-packages $(SYSTEM_PACKAGES)
@@ -23,12 +23,17 @@ run: venv
 	$(BIN)/sysvm lab up
 	$(BIN)/sysvm tui
 
+# A real libvirtd + QEMU/KVM (qemu:///system) for the tests that need one. Where the machine
+# cannot have one (not root, no usable /dev/kvm, no apt) it says why and those tests skip.
+libvirtd: system-packages
+	@sh scripts/libvirtd-up
+
 lint: venv
 	$(BIN)/ruff check backend tui_app tests bench
 	$(BIN)/ruff format --check backend tui_app tests bench
 	$(BIN)/mypy backend
 
-test: venv lint
+test: venv lint libvirtd
 	$(BIN)/python -m pytest -rs -q
 
 bench: venv

@@ -69,6 +69,74 @@ def _parser() -> argparse.ArgumentParser:
     down = lsub.add_parser("down", help="remove everything the lab made")
     down.add_argument("--json", action="store_true")
 
+    crash = lsub.add_parser(
+        "crash", help="destroy a lab VM's domain behind the engine's back, as `virsh destroy` would"
+    )
+    crash.add_argument("vm", metavar="VM")
+    crash.add_argument("--undefine", action="store_true", help="remove the domain's definition too")
+    crash.add_argument("--json", action="store_true")
+    for name, helptext in (
+        ("host-down", "make a lab host's libvirt connection fail (a host failure)"),
+        ("host-up", "let a lab host answer again"),
+    ):
+        hp = lsub.add_parser(name, help=helptext)
+        hp.add_argument("host", metavar="HOST")
+        hp.add_argument("--json", action="store_true")
+
+    svm = sub.add_parser("systemvm", help="secondary storage VMs, console proxies and routers")
+    ssub = svm.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sl = ssub.add_parser("list", help="system VMs with state, host and control address")
+    sl.add_argument("--zone", help="only this zone")
+    sl.add_argument("--json", action="store_true")
+    for name, helptext in (
+        ("show", "one system VM: NICs, boot args, host"),
+        ("start", "start it (define the domain, boot, wait for its agent over SSH)"),
+        ("stop", "shut it down (graceful, then forced); SSVM/CPVM come back by themselves"),
+        ("reboot", "restart it in place"),
+        ("destroy", "destroy it; the zone's reconciler makes a replacement where one is needed"),
+        ("migrate", "move it to another Up host of its zone"),
+    ):
+        sp = ssub.add_parser(name, help=helptext)
+        sp.add_argument("name", metavar="NAME")
+        if name == "migrate":
+            sp.add_argument("--to", metavar="HOST", help="target host (default: least loaded)")
+        if name == "stop":
+            sp.add_argument("--force", action="store_true", help="power off at once")
+        if name != "show":
+            sp.add_argument("--wait", action="store_true", help="wait until the job finishes")
+        sp.add_argument("--json", action="store_true")
+
+    host = sub.add_parser("host", help="hypervisor hosts")
+    hsub = host.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ha = hsub.add_parser("add", help="add a libvirt host to a zone (it must answer first)")
+    ha.add_argument("name", metavar="NAME")
+    ha.add_argument("uri", metavar="URI", help="e.g. qemu:///system or qemu+ssh://root@kvm1/system")
+    ha.add_argument("--zone", required=True)
+    ha.add_argument("--json", action="store_true")
+
+    vm = sub.add_parser("vm", help="guest VMs (instances)")
+    vsub = vm.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dep = vsub.add_parser("deploy", help="create and start a guest VM on a network")
+    dep.add_argument("name", metavar="NAME")
+    dep.add_argument("--network", required=True, help="guest network to attach it to")
+    dep.add_argument("--wait", action="store_true")
+    dep.add_argument("--json", action="store_true")
+    for name in ("start", "stop", "destroy"):
+        vp = vsub.add_parser(name, help=f"{name} a guest VM")
+        vp.add_argument("name", metavar="NAME")
+        if name == "stop":
+            vp.add_argument("--force", action="store_true", help="power off at once")
+        vp.add_argument("--wait", action="store_true")
+        vp.add_argument("--json", action="store_true")
+
+    net = sub.add_parser("network", help="guest networks")
+    nsub = net.add_subparsers(dest="action", required=True, metavar="ACTION")
+    nr = nsub.add_parser("restart", help="restart the network's router")
+    nr.add_argument("name", metavar="NAME")
+    nr.add_argument("--cleanup", action="store_true", help="destroy the router and make a new one")
+    nr.add_argument("--wait", action="store_true")
+    nr.add_argument("--json", action="store_true")
+
     cfg = sub.add_parser("config", help="settings")
     csub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
     cs = csub.add_parser("show", help="effective settings and where each came from")
@@ -159,6 +227,32 @@ async def _follow_job(api: Any, job_id: int, *, quiet: bool) -> Any:
     return job
 
 
+async def _job_outcome(api: Any, job: Any, args: argparse.Namespace) -> int:
+    """Print the job (after following it with --wait); non-zero when it failed."""
+    if args.wait:
+        job = await _follow_job(api, job.id, quiet=args.json)
+    if args.json:
+        _print_json(job.to_dict())
+    else:
+        print(_job_line(job))
+        note = (job.result or {}).get("note")
+        if note:
+            print(f"note: {note}")
+    return EXIT_ERROR if job.state in ("failed", "cancelled") else 0
+
+
+def _print_system_vm(v: dict[str, Any]) -> None:
+    for key in ("name", "type", "state", "zone", "host", "network", "control_ip", "started_at"):
+        print(f"{key + ':':<12} {v[key] if v[key] is not None else '-'}")
+    if v["last_error"]:
+        print(f"{'last error:':<12} {v['last_error']}")
+    print("nics:")
+    for n in v["nics"]:
+        print(f"  {n['device']:<5} {n['role']:<10} {n['ip']:<15} {n['netmask']:<15} {n['mac']}")
+    print("boot args:")
+    print("  " + " ".join(f"{k}={val}" for k, val in v["boot_args"].items()))
+
+
 def _print_status(tree: dict[str, Any]) -> None:
     if not tree["zones"]:
         print("no zones yet; `sysvm lab up` builds a demo cloud")
@@ -228,6 +322,60 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
             for r in rows:
                 print(f"{r['key']:<{width}}  {json.dumps(r['value']):<10} {r['source']}")
         return 0
+    if cmd == "lab" and args.action in ("crash", "host-down", "host-up"):
+        if args.action == "crash":
+            result = await api.lab_crash(args.vm, undefine=args.undefine)
+            text = f"{result['vm']}: domain {'undefined' if result['undefined'] else 'destroyed'} on {result['host']}"
+        else:
+            result = await api.lab_host(args.host, up=args.action == "host-up")
+            text = f"{result['host']}: {'answers again' if result['reachable'] else 'no longer answers'}"
+        _print_json(result) if args.json else print(text)
+        return 0
+    if cmd == "host":
+        added = await api.host_add(args.zone, args.name, args.uri)
+        _print_json(added) if args.json else print(
+            f"host {added['name']} added to {added['zone']} ({added['state']})"
+        )
+        return 0
+    if cmd == "systemvm":
+        if args.action in ("list", "show"):
+            vms = (
+                await api.system_vms_list(zone=args.zone)
+                if args.action == "list"
+                else [await api.system_vm(args.name)]
+            )
+            if args.json:
+                _print_json(vms if args.action == "list" else vms[0])
+            elif args.action == "list":
+                print(
+                    f"{'NAME':<10} {'TYPE':<6} {'STATE':<9} {'ZONE':<8} {'HOST':<14} {'CONTROL IP':<15} NETWORK"
+                )
+                for v in vms:
+                    print(
+                        f"{v['name']:<10} {v['type']:<6} {v['state']:<9} {v['zone']:<8} "
+                        f"{v['host'] or '-':<14} {v['control_ip'] or '-':<15} {v['network'] or '-'}"
+                    )
+            else:
+                _print_system_vm(vms[0])
+            return 0
+        job = await api.system_vm_action(
+            args.name,
+            args.action,
+            host=getattr(args, "to", None),
+            force=getattr(args, "force", False),
+        )
+        return await _job_outcome(api, job, args)
+    if cmd == "vm":
+        if args.action == "deploy":
+            job = await api.guest_vm_deploy(args.network, args.name)
+        else:
+            job = await api.guest_vm_action(
+                args.name, args.action, force=getattr(args, "force", False)
+            )
+        return await _job_outcome(api, job, args)
+    if cmd == "network":
+        job = await api.network_restart(args.name, cleanup=args.cleanup)
+        return await _job_outcome(api, job, args)
     if cmd == "lab":
         if args.action == "up":
             job = await api.lab_up(

@@ -10,6 +10,7 @@ import builtins
 import difflib
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Setting:
     help: str
     minimum: float | None = None
     choices: tuple[str, ...] | None = None
+    pattern: str | None = None  # a regular expression the whole (string) value must match
 
 
 _ALL_SETTINGS = (
@@ -91,6 +93,13 @@ _ALL_SETTINGS = (
         10,
         "free console sessions kept in reserve; fewer starts another console proxy VM",
         minimum=0,
+    ),
+    Setting(
+        "instance.name",
+        str,
+        "VM",
+        "suffix of system VM names (s-1-VM), as CloudStack's instance.name",
+        pattern=r"[A-Za-z0-9]{1,16}",
     ),
     Setting(
         "ssvm.capacity",
@@ -335,6 +344,8 @@ def _check_limits(setting: Setting, value: Any, where: str, todo: str) -> Any:
                 return choice
         options = ", ".join(setting.choices)
         _fail(setting, where, f"must be one of {options}, got {_show(value)}", todo)
+    if setting.pattern is not None and not re.fullmatch(setting.pattern, str(value)):
+        _fail(setting, where, f"must match {setting.pattern}, got {_show(value)}", todo)
     return value
 
 

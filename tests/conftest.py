@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from backend.config import Config, load_config
 from backend.engine.core import Engine
+from tests.qemu_host import qemu_prefix, qemu_uri  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,27 @@ async def engine(home: Path) -> AsyncIterator[Engine]:
         yield eng
     finally:
         await eng.stop()
+
+
+@pytest.fixture
+async def make_engine(home: Path) -> AsyncIterator[Callable[..., Awaitable[Engine]]]:
+    """A factory of started engines with settings given as SYSVM_* variables; all stopped after."""
+    made: list[Engine] = []
+
+    async def make(**env: str) -> Engine:
+        eng = Engine(make_config(home, **env))
+        await eng.start()
+        made.append(eng)
+        return eng
+
+    yield make
+    for eng in made:
+        await eng.stop()
+
+
+async def converge_lab(engine: Engine, **size: int) -> None:
+    job = await engine.wait_job((await engine.lab_up(**size)).id, timeout=120)
+    assert job.state == "succeeded", job.error
 
 
 @pytest.fixture

@@ -193,6 +193,9 @@ class RemoteEngine:
         job: JobInfo = await self.call("network_restart", name=name, cleanup=cleanup)
         return job
 
+    async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:
+        return dict(await self.call("host_add", zone=zone, name=name, uri=uri))
+
     async def lab_crash(self, vm: str, undefine: bool = False) -> dict[str, Any]:
         return dict(await self.call("lab_crash", vm=vm, undefine=undefine))
 

@@ -23,6 +23,7 @@ MUTATING = frozenset(
         "guest_vm_deploy",
         "guest_vm_action",
         "network_restart",
+        "host_add",
         "lab_crash",
         "lab_host",
     }
@@ -112,6 +113,12 @@ class EngineAPI(Protocol):
 
     async def network_restart(self, name: str, cleanup: bool = False) -> JobInfo:
         """Start a job restarting the network's router; `cleanup` destroys it and makes a new one."""
+        ...
+
+    async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:
+        """Add a libvirt host (qemu:///system, qemu+ssh://user@host/system, ...) to a zone.
+        It must answer first (HypervisorError naming host and URI otherwise); nothing is
+        stored for a host that does not."""
         ...
 
     async def lab_crash(self, vm: str, undefine: bool = False) -> dict[str, Any]:

@@ -25,6 +25,7 @@ METHODS = (
     "guest_vm_deploy",
     "guest_vm_action",
     "network_restart",
+    "host_add",
     "lab_crash",
     "lab_host",
     "shutdown",

@@ -21,10 +21,11 @@ from backend import __version__
 from backend.api.types import EventRecord, JobInfo, StatusTree
 from backend.config import Config
 from backend.db.database import Database
-from backend.db.models import GuestNetwork, GuestVM, Host, SystemVM, VMState
+from backend.db.models import GuestNetwork, GuestVM, Host, HostState, SystemVM, VMState, Zone
 from backend.engine.events import EventBus
 from backend.engine.jobs import JobContext, JobKind, JobRunner
 from backend.errors import Conflict, InvalidInput, NotFound, ReadOnly
+from backend.hypervisor.connection import HostConnection
 from backend.hypervisor.pool import HypervisorPool
 from backend.lab.cloud import LabCloud
 from backend.lab.local_guests import LocalGuests
@@ -38,6 +39,7 @@ from backend.transport.ssh import SystemVMTransport, generate_keypair, load_clie
 
 log = logging.getLogger(__name__)
 
+HOST_URI_SCHEMES = ("qemu", "qemu+ssh", "qemu+tcp", "qemu+tls", "test")
 SYSTEM_VM_ACTIONS = ("start", "stop", "reboot", "destroy", "migrate")
 GUEST_VM_ACTIONS = ("start", "stop", "destroy")
 
@@ -425,6 +427,47 @@ class Engine:
             target_id=net_id,
             target_name=name,
         )
+
+    async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:
+        """Add a libvirt host to a zone; it must answer before anything is stored."""
+        self._writable(f"add host {name}")
+        check_name("name", name)
+        scheme = uri.split(":", 1)[0] if ":" in uri else ""
+        if scheme not in HOST_URI_SCHEMES:
+            raise InvalidInput(
+                "uri", f"must be a libvirt URI ({', '.join(HOST_URI_SCHEMES)}), got {uri[:80]!r}"
+            )
+        async with self.db.read() as s:
+            zone_row = (await s.scalars(select(Zone).where(Zone.name == zone))).first()
+            if zone_row is None:
+                raise NotFound(f"no zone named {zone!r}")
+            if await s.scalar(select(Host.id).where(Host.name == name)) is not None:
+                raise Conflict(f"a host named {name!r} already exists")
+        probe = HostConnection(0, name, uri)
+        try:
+            await probe.ping(timeout=float(self.config["host.ping_timeout"]))
+        finally:
+            await probe.close()
+
+        async def work(s: AsyncSession) -> int:
+            host = Host(
+                zone_id=zone_row.id,
+                name=name,
+                uri=uri,
+                backend="local" if scheme == "test" else "vm",
+                state=HostState.UP.value,
+            )
+            s.add(host)
+            await s.flush()
+            return host.id
+
+        host_id = await self.db.write(work)
+        self.hypervisors.add(host_id, name, uri)
+        self.bus.publish(
+            "host", host_id, "created", name, state=HostState.UP.value, zone_id=zone_row.id
+        )
+        self.reconciler.poke()
+        return {"id": host_id, "name": name, "zone": zone, "uri": uri, "state": HostState.UP.value}
 
     async def lab_crash(self, vm: str, undefine: bool = False) -> dict[str, Any]:
         """Fault injection: destroy (or undefine) a lab VM's domain directly on its host's

@@ -57,6 +57,11 @@ def required_ssvms(transfers: int, capacity: int) -> int:
     return max(1, math.ceil(transfers / capacity))
 
 
+def _utc(t: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every time we store is UTC."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
 class Reconciler:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -233,7 +238,7 @@ class Reconciler:
                 (
                     await s.scalars(
                         select(GuestVM.network_id)
-                        .where(GuestVM.state == VMState.RUNNING.value)
+                        .where(GuestVM.state.in_([VMState.RUNNING.value, VMState.STARTING.value]))
                         .distinct()
                     )
                 ).all()
@@ -256,10 +261,9 @@ class Reconciler:
                 if router is None or VMState(router.state) in RESTARTABLE:
                     work.append(self._router_up(net.id))
             elif router is not None and router.state == VMState.RUNNING.value:
-                last = net.last_active_at
-                if last is not None and last.tzinfo is None:
-                    last = last.replace(tzinfo=UTC)
-                if last is None or (now - last).total_seconds() >= gc_wait:
+                # idle since the last VM activity, or since the router started if more recent
+                marks = [_utc(t) for t in (net.last_active_at, router.started_at) if t is not None]
+                if not marks or (now - max(marks)).total_seconds() >= gc_wait:
                     work.append(self._router_idle(router))
         if work:
             await asyncio.gather(*work)

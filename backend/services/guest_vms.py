@@ -165,7 +165,7 @@ class GuestVMService:
             row.state = state.value
             for k, v in extra.items():
                 setattr(row, k, v)
-            if state in (VMState.RUNNING, VMState.STOPPING, VMState.STOPPED):
+            if state in (VMState.STARTING, VMState.RUNNING, VMState.STOPPING, VMState.STOPPED):
                 # the network was in use until now: its router's idle clock starts here
                 net = await s.get(GuestNetwork, vm.network_id)
                 if net is not None:

@@ -135,7 +135,7 @@ class SystemVMService:
             )
             s.add(vm)
             await s.flush()
-            vm.name = f"{NAME_PREFIX[vm_type]}-{vm.id}-VM"
+            vm.name = f"{NAME_PREFIX[vm_type]}-{vm.id}-{self.engine.config['instance.name']}"
             network = await s.get(GuestNetwork, network_id) if network_id else None
             nics = []
             for device, role in enumerate(NIC_ROLES[vm_type]):
