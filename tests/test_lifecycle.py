@@ -59,9 +59,12 @@ async def test_crashed_zone_system_vm_is_healed_within_5s(
     )
     assert time.monotonic() - t0 < 5
     # The engine learnt of the crash from libvirt's lifecycle event (nothing told it).
-    # (an undefine is a destroy first: libvirt reports the stop, then the undefine)
+    # (an undefine is a destroy first: libvirt reports the stop and the undefine; either
+    # may be the one recorded)
     events = await engine.events(since_id=mark, entity="system_vm", limit=100)
-    assert any(e.fields.get("last_error") == "domain stopped outside the engine" for e in events)
+    reasons = {e.fields.get("last_error") for e in events} - {None, ""}
+    expected = {"domain stopped outside the engine", "domain undefined outside the engine"}
+    assert len(reasons) == 1 and reasons <= (expected if undefine else {min(expected)})
     assert await _states_of(engine, victim["name"], mark) == ["Stopped", "Starting", "Running"]
     assert [v["name"] for v in await zone_vm(engine, "zone1", vm_type)] == [victim["name"]]
     host_id = await engine._host_id(healed["host"])

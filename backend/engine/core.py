@@ -103,6 +103,9 @@ class Engine:
         log.info("engine started on %s (schema %s)", self.home, self.schema)
 
     async def stop(self) -> None:
+        """Stop everything the engine runs (idempotent)."""
+        if self.stopped.is_set():
+            return
         await self.host_monitor.stop()
         await self.reconciler.stop()
         await self.runner.stop()
@@ -160,13 +163,18 @@ class Engine:
             gvm = (await s.scalars(select(GuestVM).where(GuestVM.name == name))).first()
         why = "undefined" if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED else "stopped"
         if svm is not None and svm.host_id == host_id and svm.state == VMState.RUNNING.value:
-            if self.system_vms.lock(svm.id).locked():
-                return  # an operator action is working on it
-            log.warning("%s: domain %s outside the engine", name, why)
-            await self.guests.halt(svm)
-            await self.system_vms.set_state(
-                svm, VMState.STOPPED, last_error=f"domain {why} outside the engine"
-            )
+            lock = self.system_vms.lock(svm.id)
+            if lock.locked():
+                return  # an action is working on it (or this crash is being recorded)
+            async with lock:
+                svm, _host = await self.system_vms._load(svm.id)
+                if svm.host_id != host_id or svm.state != VMState.RUNNING.value:
+                    return
+                log.warning("%s: domain %s outside the engine", name, why)
+                await self.guests.halt(svm)
+                await self.system_vms.set_state(
+                    svm, VMState.STOPPED, last_error=f"domain {why} outside the engine"
+                )
             self.reconciler.poke()
         elif gvm is not None and gvm.host_id == host_id and gvm.state == VMState.RUNNING.value:
             if not self.guest_vms.lock(gvm.id).locked():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from textual.geometry import Region
 from textual.widget import Widget
 from textual.widgets import Static
@@ -276,7 +275,9 @@ async def test_new_guest_vm_gets_one_new_node(lab: Engine, wait_until: Any) -> N
         await wait_until(pilot, lambda: tree.node_for("guest_vm", "zone1-net2-extra") is not None)
         new = tree.item("guest_vm", "zone1-net2-extra")
         assert new is not None and new.parent is tree.item("network", "zone1-net2")
+        await wait_until(pilot, lambda: new.state == "Running", what="the new VM to run")
         assert all(tree._items[k].node is n for k, n in before.items())  # noqa: SLF001
+        assert "Running" in str(new.node.label)
 
 
 async def test_running_job_shows_in_the_activity_strip(
