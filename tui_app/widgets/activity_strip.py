@@ -1,0 +1,192 @@
+"""The bottom strip: one line per running job (kind, target, progress bar, message)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.segment import Segment
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.renderables.bar import Bar as BarRenderable
+from textual.widgets import Label, ProgressBar
+
+if TYPE_CHECKING:
+    from backend.api.types import EventRecord, JobInfo
+
+FRAME_SECONDS = 1 / 30
+MAX_ROWS = 3
+RUNNING = "running"
+
+
+class AsciiBar(BarRenderable):
+    """A progress bar drawn with `#` and `-` so it reads without colour or box drawing."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = self.width or options.max_width
+        done = max(0, min(width, int(self.highlight_range[1])))
+        yield Segment("#" * done, console.get_style(self.highlight_style))
+        yield Segment("-" * (width - done), console.get_style(self.background_style))
+
+
+class AsciiProgressBar(ProgressBar):
+    BAR_RENDERABLE = AsciiBar
+
+
+class JobRow(Horizontal):
+    """One running job: `kind target  [bar] pct  message`."""
+
+    DEFAULT_CSS = """
+    JobRow {
+        height: 1;
+        & > .job-what { width: 22; text-overflow: ellipsis; text-wrap: nowrap; }
+        & > ProgressBar { width: auto; margin-right: 1; }
+        & > ProgressBar Bar { width: 16; }
+        & > .job-message { width: 1fr; text-overflow: ellipsis; text-wrap: nowrap; color: $text-muted; }
+    }
+    """
+
+    def __init__(self, job_id: int, *, ascii: bool) -> None:
+        super().__init__(id=f"job-{job_id}")
+        self.job_id = job_id
+        self.ascii = ascii
+        self.kind = ""
+        self.target = ""
+        self.progress = 0.0
+        self.message = ""
+
+    def compose(self) -> ComposeResult:
+        bar_class = AsciiProgressBar if self.ascii else ProgressBar
+        yield Label(classes="job-what")
+        yield bar_class(total=100, show_eta=False)
+        yield Label(classes="job-message")
+
+    def on_mount(self) -> None:
+        self._paint()
+
+    def set(self, *, kind: str, target: str, progress: float, message: str) -> None:
+        self.kind, self.target, self.progress, self.message = kind, target, progress, message
+        if self.is_mounted:
+            self._paint()
+
+    def _paint(self) -> None:
+        what = (
+            self.kind
+            if not self.target or self.target == self.kind
+            else f"{self.kind} {self.target}"
+        )
+        self.query_one(".job-what", Label).update(what)
+        self.query_one(ProgressBar).update(progress=self.progress)
+        self.query_one(".job-message", Label).update(self.message)
+
+
+class ActivityStrip(Vertical):
+    """Running jobs, fed by `load(api.jobs(state="running"))` then by "job" events."""
+
+    DEFAULT_CSS = """
+    ActivityStrip {
+        height: auto;
+        max-height: 4;
+        padding: 0 1;
+        & > #no-jobs { color: $text-muted; }
+        & > #more-jobs { color: $text-muted; }
+    }
+    """
+
+    def __init__(self, *, ascii: bool = False, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.ascii = ascii
+        self.jobs: dict[int, dict[str, Any]] = {}
+        self._rows: dict[int, JobRow] = {}
+        self._pending: list[EventRecord] = []
+        self._armed = False
+        self.loaded = False
+
+    def compose(self) -> ComposeResult:
+        yield Label("no running jobs", id="no-jobs")
+        yield Label("", id="more-jobs")
+
+    def on_mount(self) -> None:
+        self._layout()
+
+    def load(self, jobs: list[JobInfo]) -> None:
+        """Start from the engine's list of running jobs (replacing what was shown)."""
+        self.jobs = {
+            j.id: {
+                "kind": j.kind,
+                "target": j.target_name,
+                "progress": j.progress,
+                "message": j.message,
+                "state": j.state,
+            }
+            for j in jobs
+            if j.state == RUNNING
+        }
+        self.loaded = True
+        self._layout()
+        if self._pending:
+            self._arm()
+
+    def queue_event(self, event: EventRecord) -> None:
+        """Take a "job" event; applied with the others of its frame."""
+        if event.entity != "job":
+            return
+        self._pending.append(event)
+        if self.loaded:
+            self._arm()
+
+    def _arm(self) -> None:
+        if not self._armed:
+            self._armed = True
+            self.set_timer(FRAME_SECONDS, self._apply_pending)
+
+    def _apply_pending(self) -> None:
+        self._armed = False
+        events, self._pending = self._pending, []
+        for event in events:
+            f = event.fields
+            state = f.get("state", "")
+            if state == RUNNING:
+                job = self.jobs.setdefault(event.entity_id, {})
+                job.update(
+                    kind=event.name,
+                    target=f.get("target_name", ""),
+                    progress=float(f.get("progress") or 0.0),
+                    message=f.get("message", ""),
+                    state=state,
+                )
+            else:
+                self.jobs.pop(event.entity_id, None)
+                if state == "failed":
+                    what = f"{event.name} {f.get('target_name', '')}".strip()
+                    self.app.notify(
+                        f"{what} failed: {f.get('error') or 'no reason given'}",
+                        title="job failed",
+                        severity="error",
+                        timeout=10,
+                    )
+        if events:
+            self._layout()
+
+    def _layout(self) -> None:
+        """Show up to MAX_ROWS jobs (oldest first) and a count of the rest."""
+        shown = sorted(self.jobs)[:MAX_ROWS]
+        for job_id in [j for j in self._rows if j not in shown]:
+            self._rows.pop(job_id).remove()
+        for job_id in shown:
+            job = self.jobs[job_id]
+            row = self._rows.get(job_id)
+            if row is None:
+                row = self._rows[job_id] = JobRow(job_id, ascii=self.ascii)
+                self.mount(row, before=self.query_one("#no-jobs"))
+            row.set(
+                kind=job["kind"],
+                target=job["target"],
+                progress=job["progress"],
+                message=job["message"],
+            )
+        self.query_one("#no-jobs").display = not self.jobs
+        more = len(self.jobs) - len(shown)
+        more_label = self.query_one("#more-jobs", Label)
+        more_label.display = more > 0
+        more_label.update(f"+{more} more running" if more > 0 else "")
