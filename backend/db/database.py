@@ -90,7 +90,11 @@ class Database:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.engine: AsyncEngine = create_async_engine(sqlite_url(path), pool_size=8)
+        # Each aiosqlite connection is a thread; opening one blocks the loop while the thread
+        # starts, so keep enough of them pooled that bursts of readers never open new ones.
+        self.engine: AsyncEngine = create_async_engine(
+            sqlite_url(path), pool_size=32, max_overflow=32, pool_timeout=60
+        )
         event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = asyncio.Lock()

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import libvirt
-import libvirtaio
 
 from backend.errors import SysvmError
+from backend.hypervisor import event_loop
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +51,10 @@ class HypervisorError(SysvmError):
     code = "hypervisor"
 
 
+def _noop() -> None:
+    """Nothing: used to start an executor's thread."""
+
+
 def register_event_loop() -> None:
     """Route libvirt's events through the running asyncio loop (once per loop)."""
     global _registered_loop
@@ -63,7 +67,7 @@ def register_event_loop() -> None:
             "libvirt events are bound to another asyncio loop of this process; "
             "run the engine in one loop per process"
         )
-    libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+    event_loop.register(loop)
     _registered_loop = loop
 
 
@@ -108,6 +112,9 @@ class HostConnection:
                     f"host {self.name}: cannot connect to {self.uri} (next attempt in {wait:.1f} s)"
                 )
             register_event_loop()
+            # Start this host's thread from a helper thread: starting a thread waits for it to
+            # run, and that wait must not happen on the event loop.
+            await asyncio.to_thread(lambda: self._executor.submit(_noop).result())
             try:
                 conn = await asyncio.wait_for(
                     self._in_thread(libvirt.open, self.uri), self.call_timeout

@@ -52,26 +52,30 @@ class HostMonitor:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(float(self.engine.config["host.ping_interval"]))
-            for host_id in self.engine.hypervisors.known - self._checking:
+            known = self.engine.hypervisors.known - self._checking
+            if not known:
+                continue
+            async with self.engine.db.read() as s:  # one query per round, not one per host
+                hosts = (await s.scalars(select(Host).where(Host.id.in_(known)))).all()
+            for host in hosts:
+                if host.state == HostState.MAINTENANCE.value:
+                    continue
                 # One task per host: a host that hangs never delays the checks of the others.
-                self._checking.add(host_id)
-                asyncio.create_task(self._check_one(host_id), name=f"ping-host-{host_id}")
+                self._checking.add(host.id)
+                asyncio.create_task(self._check_one(host), name=f"ping-host-{host.id}")
 
-    async def _check_one(self, host_id: int) -> None:
+    async def _check_one(self, host: Host) -> None:
         try:
-            await self.check(host_id)
+            await self.check(host)
         except Exception:
-            log.exception("health check of host %d failed", host_id)
+            log.exception("health check of host %s failed", host.name)
         finally:
-            self._checking.discard(host_id)
+            self._checking.discard(host.id)
 
-    async def check(self, host_id: int) -> None:
-        async with self.engine.db.read() as s:
-            host = await s.get(Host, host_id)
-        if host is None or host.state == HostState.MAINTENANCE.value:
-            return
+    async def check(self, host: Host) -> None:
+        """Ping the host; a change of answer (lost, back) is acted on."""
         try:
-            conn = self.engine.hypervisors.get(host_id)
+            conn = self.engine.hypervisors.get(host.id)
             await conn.ping(timeout=float(self.engine.config["host.ping_timeout"]))
         except SysvmError as exc:
             if host.state == HostState.UP.value:
