@@ -37,6 +37,7 @@ DOMAIN_STATES = {
 }
 
 
+THREADS_PER_HOST = 4
 _CONNECTION_ERRORS = {
     libvirt.VIR_ERR_SYSTEM_ERROR,
     libvirt.VIR_ERR_RPC,
@@ -86,7 +87,9 @@ class HostConnection:
         self.name = name
         self.uri = uri
         self._on_lifecycle = on_lifecycle
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"libvirt-{name}")
+        # A few threads per host (libvirt connections are thread-safe): a health check never
+        # queues behind a slow domain start; a host that hangs ties up only its own threads.
+        self._executor = ThreadPoolExecutor(THREADS_PER_HOST, thread_name_prefix=f"libvirt-{name}")
         self._conn: libvirt.virConnect | None = None
         self._callback_id: int | None = None
         self._open_lock = asyncio.Lock()
@@ -114,7 +117,7 @@ class HostConnection:
             register_event_loop()
             # Start this host's thread from a helper thread: starting a thread waits for it to
             # run, and that wait must not happen on the event loop.
-            await asyncio.to_thread(lambda: self._executor.submit(_noop).result())
+            await asyncio.to_thread(lambda: [f.result() for f in [self._executor.submit(_noop)]])
             try:
                 conn = await asyncio.wait_for(
                     self._in_thread(libvirt.open, self.uri), self.call_timeout

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Consecutive unanswered health checks before a host goes Alert (one slow answer is not a failure).
+MISSES_BEFORE_ALERT = 2
 LIVE = {VMState.RUNNING.value, VMState.STARTING.value, VMState.STOPPING.value}
 
 
@@ -39,6 +41,7 @@ class HostMonitor:
         self.engine = engine
         self._task: asyncio.Task[None] | None = None
         self._checking: set[int] = set()
+        self._misses: dict[int, int] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="host-monitor")
@@ -78,9 +81,12 @@ class HostMonitor:
             conn = self.engine.hypervisors.get(host.id)
             await conn.ping(timeout=float(self.engine.config["host.ping_timeout"]))
         except SysvmError as exc:
-            if host.state == HostState.UP.value:
+            misses = self._misses.get(host.id, 0) + 1
+            self._misses[host.id] = misses
+            if host.state == HostState.UP.value and misses >= MISSES_BEFORE_ALERT:
                 await self.host_lost(host, str(exc))
             return
+        self._misses.pop(host.id, None)
         if host.state != HostState.UP.value:
             await self.host_back(host)
 

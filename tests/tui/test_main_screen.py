@@ -288,7 +288,11 @@ async def test_running_job_shows_in_the_activity_strip(
         await wait_until(pilot, lambda: inventory(app).loaded, what="the first snapshot")
         strip = app.query_one("#activity", ActivityStrip)
         assert app.query_one("#no-jobs").display
-        assert app.query_one("#empty-hint").has_class("-shown")
+        await wait_until(
+            pilot,
+            lambda: app.query_one("#empty-hint").has_class("-shown"),
+            what="the empty-cloud hint",
+        )
         job = await console_engine.lab_up(zones=1, hosts=1, networks=1, vms=1)
         await wait_until(pilot, lambda: job.id in strip.jobs, what="the lab.up job row")
         await pilot.pause(0.1)
