@@ -52,13 +52,13 @@ async def test_lab_up_job_converges_to_the_documented_status_shape(api: EngineAP
     tree = await api.status()
     assert [z["name"] for z in tree["zones"]] == ["zone1"]
     zone = tree["zones"][0]
-    assert set(zone) == {"name", "state", "hosts", "system_vms", "networks"}
+    assert set(zone) == {"id", "name", "state", "hosts", "system_vms", "networks"}
     types = {v["type"]: v for v in zone["system_vms"]}
     assert types["ssvm"]["state"] == "Running" and types["cpvm"]["state"] == "Running"
     assert types["ssvm"]["control_ip"].startswith("169.254.")
-    assert set(types["ssvm"]) == {"name", "type", "state", "host", "control_ip"}
+    assert set(types["ssvm"]) == {"id", "name", "type", "state", "host", "control_ip"}
     (net,) = zone["networks"]
-    assert set(net) == {"name", "cidr", "router", "vms"}
+    assert set(net) == {"id", "name", "cidr", "router", "vms"}
     assert net["router"] is not None and net["router"]["state"] == "Running"
     assert [(v["name"], v["state"]) for v in net["vms"]] == [
         ("zone1-net1-vm1", "Running"),

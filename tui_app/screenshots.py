@@ -75,3 +75,29 @@ async def _wait_until(pilot: object, condition: object, timeout: float = 5.0) ->
     deadline = loop.time() + timeout
     while not condition() and loop.time() < deadline:  # type: ignore[operator]
         await pilot.pause(0.05)  # type: ignore[attr-defined]
+
+
+async def _main(out_dir: Path) -> None:
+    """Build a fresh lab in a throw-away home and photograph the console against it."""
+    import tempfile
+
+    from backend.config import load_config
+    from backend.engine.core import Engine
+
+    home = Path(tempfile.mkdtemp(prefix="sysvm-screenshots-"))
+    engine = Engine(load_config(home=home, env={"SYSVM_HOME": str(home)}))
+    await engine.start()
+    try:
+        job = await engine.wait_job((await engine.lab_up()).id, 120)
+        if job.state != "succeeded":
+            raise SystemExit(f"the lab did not come up: {job.error}")
+        for path in await save_screenshots(engine, out_dir):
+            print(path)
+    finally:
+        await engine.stop()
+
+
+if __name__ == "__main__":
+    import sys
+
+    asyncio.run(_main(Path(sys.argv[1] if len(sys.argv) > 1 else "screenshots")))

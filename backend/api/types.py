@@ -63,12 +63,14 @@ class JobInfo:
 
 
 class HostNode(TypedDict):
+    id: int
     name: str
     state: str
     uri: str
 
 
 class SystemVMNode(TypedDict):
+    id: int
     name: str
     type: str
     state: str
@@ -77,17 +79,20 @@ class SystemVMNode(TypedDict):
 
 
 class RouterNode(TypedDict):
+    id: int
     name: str
     state: str
 
 
 class GuestVMNode(TypedDict):
+    id: int
     name: str
     state: str
     ip: str | None
 
 
 class NetworkNode(TypedDict):
+    id: int
     name: str
     cidr: str
     router: RouterNode | None
@@ -95,6 +100,7 @@ class NetworkNode(TypedDict):
 
 
 class ZoneNode(TypedDict):
+    id: int
     name: str
     state: str
     hosts: list[HostNode]

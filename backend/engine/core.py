@@ -25,7 +25,7 @@ from backend.db.database import Database
 from backend.db.models import GuestNetwork, GuestVM, Host, HostState, SystemVM, VMState, Zone
 from backend.engine.events import EventBus
 from backend.engine.jobs import JobContext, JobKind, JobRunner
-from backend.errors import Conflict, InvalidInput, NotFound, ReadOnly
+from backend.errors import Conflict, EngineUnavailable, InvalidInput, NotFound, ReadOnly
 from backend.hypervisor.connection import HostConnection
 from backend.hypervisor.pool import HypervisorPool
 from backend.lab.cloud import LabCloud
@@ -299,10 +299,16 @@ class Engine:
     # -- EngineAPI ---------------------------------------------------------------------------
 
     def _writable(self, what: str) -> None:
+        self._live()
         if self.read_only:
             raise ReadOnly(f"{what} refused: the engine is read-only (setting read_only)")
 
+    def _live(self) -> None:
+        if self.stopped.is_set():
+            raise EngineUnavailable("the engine has stopped")
+
     async def engine_info(self) -> dict[str, Any]:
+        self._live()
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -313,6 +319,7 @@ class Engine:
         }
 
     async def status(self) -> StatusTree:
+        self._live()
         async with self.db.read() as s:
             return await status_tree(s)
 
@@ -341,6 +348,7 @@ class Engine:
         return await self.runner.submit("lab.down", {}, target_type="lab", target_name="lab")
 
     async def jobs(self, limit: int = 100, state: str | None = None) -> list[JobInfo]:
+        self._live()
         return await self.runner.list(limit=limit, state=state)
 
     async def job(self, job_id: int) -> JobInfo:
@@ -359,6 +367,7 @@ class Engine:
         return await self.bus.recent(since_id=since_id, limit=limit, entity=entity)
 
     async def subscribe(self, entities: Iterable[str] | None = None) -> AsyncIterator[EventRecord]:
+        self._live()
         sub = self.bus.subscribe(entities)
         try:
             async for event in sub:
@@ -367,6 +376,7 @@ class Engine:
             sub.close()
 
     async def system_vms_list(self, zone: str | None = None) -> list[dict[str, Any]]:
+        self._live()
         async with self.db.read() as s:
             return await system_vm_details(s, zone=zone)
 
@@ -479,7 +489,7 @@ class Engine:
         host_id = await self.db.write(work)
         self.hypervisors.add(host_id, name, uri)
         self.bus.publish(
-            "host", host_id, "created", name, state=HostState.UP.value, zone_id=zone_row.id
+            "host", host_id, "created", name, state=HostState.UP.value, zone_id=zone_row.id, uri=uri
         )
         self.reconciler.poke()
         return {"id": host_id, "name": name, "zone": zone, "uri": uri, "state": HostState.UP.value}

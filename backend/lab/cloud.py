@@ -264,7 +264,13 @@ class LabCloud:
                 s.add(host)
                 await s.flush()
                 self.engine.bus.publish(
-                    "host", host.id, "created", hname, state=host.state, zone_id=zone.id
+                    "host",
+                    host.id,
+                    "created",
+                    hname,
+                    state=host.state,
+                    zone_id=zone.id,
+                    uri=host.uri,
                 )
         public = (
             await s.scalars(

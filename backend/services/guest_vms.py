@@ -44,13 +44,13 @@ class GuestVMService:
         return int(vm_id)
 
     async def deploy(self, network_id: int, name: str) -> int:
-        async def work(s: AsyncSession) -> tuple[int, str]:
+        async def work(s: AsyncSession) -> tuple[int, str, str | None, int]:
             net = await s.get(GuestNetwork, network_id)
             if net is None:
                 raise NotFound(f"network {network_id} does not exist")
             existing = (await s.scalars(select(GuestVM).where(GuestVM.name == name))).first()
             if existing is not None:
-                return existing.id, existing.state
+                return existing.id, existing.state, None, net.zone_id
             host = await self.engine.system_vms._pick_host(s, net.zone_id)
             vm = GuestVM(
                 name=name,
@@ -77,12 +77,20 @@ class GuestVMService:
                     ip_address_id=addr.id,
                 )
             )
-            return vm.id, vm.state
+            return vm.id, vm.state, addr.address, net.zone_id
 
-        vm_id, state = await self.engine.db.write(work)
-        self.engine.bus.publish(
-            "guest_vm", vm_id, "created", name, state=state, network_id=network_id
-        )
+        vm_id, state, ip, zone_id = await self.engine.db.write(work)
+        if ip is not None:  # newly made (deploy is idempotent by name)
+            self.engine.bus.publish(
+                "guest_vm",
+                vm_id,
+                "created",
+                name,
+                state=state,
+                ip=ip,
+                network_id=network_id,
+                zone_id=zone_id,
+            )
         return vm_id
 
     async def _load(self, vm_id: int) -> tuple[GuestVM, Host | None]:

@@ -56,14 +56,17 @@ async def status_tree(s: AsyncSession) -> StatusTree:
 
     hosts_by_zone: dict[int, list[HostNode]] = defaultdict(list)
     for h in hosts:
-        hosts_by_zone[h.zone_id].append({"name": h.name, "state": h.state, "uri": h.uri})
+        hosts_by_zone[h.zone_id].append(
+            {"id": h.id, "name": h.name, "state": h.state, "uri": h.uri}
+        )
     svms_by_zone: dict[int, list[SystemVMNode]] = defaultdict(list)
     router_of: dict[int, RouterNode] = {}
     for v in svms:
         if v.type == SystemVMType.ROUTER.value and v.network_id is not None:
-            router_of[v.network_id] = {"name": v.name, "state": v.state}
+            router_of[v.network_id] = {"id": v.id, "name": v.name, "state": v.state}
         svms_by_zone[v.zone_id].append(
             {
+                "id": v.id,
                 "name": v.name,
                 "type": v.type,
                 "state": v.state,
@@ -74,12 +77,13 @@ async def status_tree(s: AsyncSession) -> StatusTree:
     vms_by_net: dict[int, list[GuestVMNode]] = defaultdict(list)
     for g in gvms:
         vms_by_net[g.network_id].append(
-            {"name": g.name, "state": g.state, "ip": guest_ip.get(g.id)}
+            {"id": g.id, "name": g.name, "state": g.state, "ip": guest_ip.get(g.id)}
         )
     nets_by_zone: dict[int, list[NetworkNode]] = defaultdict(list)
     for n in nets:
         nets_by_zone[n.zone_id].append(
             {
+                "id": n.id,
                 "name": n.name,
                 "cidr": n.cidr,
                 "router": router_of.get(n.id),
@@ -89,6 +93,7 @@ async def status_tree(s: AsyncSession) -> StatusTree:
     return {
         "zones": [
             {
+                "id": z.id,
                 "name": z.name,
                 "state": z.state,
                 "hosts": hosts_by_zone.get(z.id, []),

@@ -111,7 +111,7 @@ class SystemVMService:
         """Record a new system VM with its NICs, addresses, host key and boot args (Stopped)."""
         private_key, public_key = await asyncio.to_thread(new_host_key)
 
-        async def work(s: AsyncSession) -> tuple[int, str, str]:
+        async def work(s: AsyncSession) -> tuple[int, str, str, str]:
             zone = await s.get(Zone, zone_id)
             if zone is None:
                 raise NotFound(f"zone {zone_id} does not exist")
@@ -143,9 +143,10 @@ class SystemVMService:
             vm.boot_args = await self._boot_args(s, vm, zone, nics, network)
             s.add_all(nics)
             await s.flush()
-            return vm.id, vm.name, host.name
+            control = next(n.ip for n in nics if n.role == NicRole.CONTROL.value)
+            return vm.id, vm.name, host.name, control
 
-        vm_id, name, host_name = await self.engine.db.write(work)
+        vm_id, name, host_name, control_ip = await self.engine.db.write(work)
         self.engine.bus.publish(
             "system_vm",
             vm_id,
@@ -155,6 +156,7 @@ class SystemVMService:
             state=VMState.STOPPED.value,
             zone_id=zone_id,
             host=host_name,
+            control_ip=control_ip,
             network_id=network_id,
         )
         return vm_id
