@@ -61,7 +61,7 @@ async def test_lab_domains_carry_boot_args_in_smbios_and_metadata(lab_engine: En
 async def test_lab_down_removes_records_files_domains_and_endpoints(lab_engine: Engine) -> None:
     async with lab_engine.db.read() as s:
         vms = (await s.scalars(select(SystemVM))).all()
-    ports = [lab_engine.guests.endpoints.port_of(vm.name) for vm in vms]
+    ports = [lab_engine.guests.ssh_endpoint(vm)[1] for vm in vms]  # type: ignore[index]
     assert all(ports)
     job = await lab_engine.wait_job((await lab_engine.lab_down()).id, 60)
     assert job.state == "succeeded", job.error

@@ -85,11 +85,14 @@ class Engine:
         (self.home / "ssh").mkdir(exist_ok=True, mode=0o700)
         await asyncio.to_thread(generate_keypair, self.key_path)
         client_key = await asyncio.to_thread(load_client_key, self.key_path)
-        public = self.key_path.with_suffix(".pub").read_text()
         self.transport = SystemVMTransport(
             client_key, connect_timeout=float(self.config["engine.connect_timeout"])
         )
-        self.guests = LocalGuests(public, boot_delay=float(self.config["lab.boot_delay"]))
+        self.guests = LocalGuests(
+            self.key_path.with_suffix(".pub"),
+            boot_delay=float(self.config["lab.boot_delay"]),
+            log_file=self.home / "lab-guests.log",
+        )
         self.schema = await self.db.open()
         await self.bus.start()
         for kind in self._job_kinds():
@@ -101,12 +104,10 @@ class Engine:
         self.host_monitor.start()
         self.reconciler.poke()
         self._started_at = time.monotonic()
-        # Everything loaded so far lives as long as the engine: keep it out of the cyclic
-        # collector's scans, and collect less often; a full collection of a big heap is a
-        # loop stall of tens of milliseconds.
+        # Everything loaded so far (modules, mappers, config) lives as long as the engine: keep
+        # it out of the cyclic collector's full scans, each one a loop stall.
         gc.collect()
         gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
         log.info("engine started on %s (schema %s)", self.home, self.schema)
 
     async def stop(self) -> None:

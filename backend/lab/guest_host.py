@@ -1,0 +1,122 @@
+"""The lab's guest host: ONE process serving the SSH endpoints of every local system VM.
+
+The engine starts it (`python -m backend.lab.guest_host PUBKEY_FILE`) and drives it with JSON
+lines on stdin; each request gets one JSON line back on stdout with the same id:
+
+    {"id": 1, "op": "boot", "vm": "s-1-VM", "host_key": "<openssh private key>",
+     "boot_args": {...}, "delay": 0.0}            -> {"id": 1, "port": 40123}
+    {"id": 2, "op": "halt", "vm": "s-1-VM"}       -> {"id": 2, "ok": true}
+    {"id": 3, "op": "ping"}                       -> {"id": 3, "ok": true, "vms": 12}
+    any failure                                   -> {"id": N, "error": "message"}
+
+Keeping the guests out of the engine's process keeps their SSH server work (key exchange,
+host key signatures) off the engine's event loop, as real system VMs would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from backend.appliance.endpoint import ApplianceEndpoints
+
+log = logging.getLogger(__name__)
+
+
+class GuestHost:
+    def __init__(self, authorized_key: str) -> None:
+        self.endpoints = ApplianceEndpoints(authorized_key)
+        self._booting: dict[str, asyncio.Task[int]] = {}
+
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "boot":
+            return {"port": await self._boot(req)}
+        if op == "halt":
+            await self._halt(str(req["vm"]))
+            return {"ok": True}
+        if op == "halt_all":
+            for name in list(self._booting):
+                await self._halt(name)
+            await self.endpoints.stop_all()
+            return {"ok": True}
+        if op == "ping":
+            return {"ok": True, "vms": len(self.endpoints._endpoints)}  # noqa: SLF001
+        raise ValueError(f"unknown op {op!r}")
+
+    async def _boot(self, req: dict[str, Any]) -> int:
+        name = str(req["vm"])
+        port = self.endpoints.port_of(name)
+        if port is not None:
+            return port
+        task = self._booting.get(name)
+        if task is None:
+
+            async def boot() -> int:
+                await asyncio.sleep(float(req.get("delay", 0.0)))
+                return await self.endpoints.start(
+                    name, str(req["host_key"]), boot_args=dict(req.get("boot_args") or {})
+                )
+
+            task = asyncio.create_task(boot(), name=f"boot-{name}")
+            self._booting[name] = task
+            task.add_done_callback(functools.partial(self._booted, name))
+        return await asyncio.shield(task)
+
+    def _booted(self, name: str, _task: asyncio.Task[int]) -> None:
+        self._booting.pop(name, None)
+
+    async def _halt(self, name: str) -> None:
+        task = self._booting.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.endpoints.stop(name)
+
+
+async def serve(authorized_key: str) -> None:
+    host = GuestHost(authorized_key)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(req: dict[str, Any]) -> None:
+        try:
+            reply = await host.handle(req)
+        except asyncio.CancelledError:
+            reply = {"error": "cancelled"}
+        except Exception as exc:  # every failure is answered, never fatal to the other guests
+            reply = {"error": str(exc) or type(exc).__name__}
+        reply["id"] = req.get("id")
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+    while line := await reader.readline():
+        try:
+            req = json.loads(line)
+        except ValueError:
+            continue
+        task = asyncio.create_task(one(req))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    # the engine went away: so do its guests
+    await host.endpoints.stop_all()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    key = Path(sys.argv[1]).read_text()
+    asyncio.run(serve(key))
+
+
+if __name__ == "__main__":
+    main()
