@@ -129,6 +129,30 @@ def _parser() -> argparse.ArgumentParser:
         vp.add_argument("--wait", action="store_true")
         vp.add_argument("--json", action="store_true")
 
+    tpl = sub.add_parser("template", help="templates: register from a URL, upload, watch, cancel")
+    tsub = tpl.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tl = tsub.add_parser("list", help="templates with state and transfer progress")
+    tl.add_argument("--zone")
+    tl.add_argument("--json", action="store_true")
+    tr = tsub.add_parser(
+        "register", help="download a template from an http(s) URL via the zone's SSVM"
+    )
+    tr.add_argument("name", metavar="NAME")
+    tr.add_argument("url", metavar="URL")
+    tu = tsub.add_parser("upload", help="upload a local file to the zone's SSVM")
+    tu.add_argument("file", metavar="FILE")
+    tu.add_argument("--name", required=True)
+    for p_ in (tr, tu):
+        p_.add_argument("--zone", required=True)
+        p_.add_argument("--format", required=True, type=str.upper, choices=["QCOW2", "RAW", "ISO"])
+        p_.add_argument("--checksum", help="{SHA-256}hex, {MD5}hex, ... or a bare MD5")
+        p_.add_argument("--wait", action="store_true", help="follow the transfer until it ends")
+        p_.add_argument("--json", action="store_true")
+    tc = tsub.add_parser("cancel", help="stop a transfer (ABANDONED, nothing left behind)")
+    tc.add_argument("name", metavar="NAME")
+    tc.add_argument("--zone", required=True)
+    tc.add_argument("--json", action="store_true")
+
     net = sub.add_parser("network", help="guest networks")
     nsub = net.add_subparsers(dest="action", required=True, metavar="ACTION")
     nr = nsub.add_parser("restart", help="restart the network's router")
@@ -371,6 +395,41 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
         else:
             job = await api.guest_vm_action(
                 args.name, args.action, force=getattr(args, "force", False)
+            )
+        return await _job_outcome(api, job, args)
+    if cmd == "template":
+        if args.action == "list":
+            rows = await api.templates_list(zone=args.zone)
+            if args.json:
+                _print_json(rows)
+                return 0
+            print(f"{'NAME':<20} {'ZONE':<8} {'FORMAT':<6} {'STATE':<21} PROGRESS")
+            for t in rows:
+                tr = t["transfer"] or {}
+                total, done = tr.get("bytes_total") or 0, tr.get("bytes_done") or 0
+                progress = f"{100 * done / total:5.1f}%" if total else "-"
+                extra = t["error"] or (
+                    tr.get("reason") if t["state"].endswith("IN_PROGRESS") else ""
+                )
+                print(
+                    f"{t['name']:<20} {t['zone']:<8} {t['format']:<6} {t['state']:<21} {progress} {extra}"
+                )
+            return 0
+        if args.action == "cancel":
+            rows = await api.templates_list(zone=args.zone)
+            match = [t for t in rows if t["name"] == args.name]
+            if not match or not (match[0]["transfer"] or {}).get("job_id"):
+                raise SysvmError(f"no transfer of a template named {args.name!r} in {args.zone}")
+            job = await api.cancel_job(match[0]["transfer"]["job_id"])
+            _print_json(job.to_dict()) if args.json else print(_job_line(job))
+            return 0
+        if args.action == "register":
+            job = await api.template_register(
+                args.zone, args.name, args.url, args.format, args.checksum
+            )
+        else:
+            job = await api.template_upload(
+                args.zone, args.name, str(Path(args.file).resolve()), args.format, args.checksum
             )
         return await _job_outcome(api, job, args)
     if cmd == "network":

@@ -193,6 +193,25 @@ class RemoteEngine:
         job: JobInfo = await self.call("network_restart", name=name, cleanup=cleanup)
         return job
 
+    async def templates_list(self, zone: str | None = None) -> list[dict[str, Any]]:
+        return list(await self.call("templates_list", zone=zone))
+
+    async def template_register(
+        self, zone: str, name: str, url: str, format: str, checksum: str | None = None
+    ) -> JobInfo:
+        job: JobInfo = await self.call(
+            "template_register", zone=zone, name=name, url=url, format=format, checksum=checksum
+        )
+        return job
+
+    async def template_upload(
+        self, zone: str, name: str, path: str, format: str, checksum: str | None = None
+    ) -> JobInfo:
+        job: JobInfo = await self.call(
+            "template_upload", zone=zone, name=name, path=path, format=format, checksum=checksum
+        )
+        return job
+
     async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:
         return dict(await self.call("host_add", zone=zone, name=name, uri=uri))
 

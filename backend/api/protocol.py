@@ -23,6 +23,8 @@ MUTATING = frozenset(
         "guest_vm_deploy",
         "guest_vm_action",
         "network_restart",
+        "template_register",
+        "template_upload",
         "host_add",
         "lab_crash",
         "lab_host",
@@ -113,6 +115,25 @@ class EngineAPI(Protocol):
 
     async def network_restart(self, name: str, cleanup: bool = False) -> JobInfo:
         """Start a job restarting the network's router; `cleanup` destroys it and makes a new one."""
+        ...
+
+    async def templates_list(self, zone: str | None = None) -> list[dict[str, Any]]:
+        """Templates (all zones or one): id, name, zone, format, state, url (credentials
+        removed), checksum, size, virtual_size, system, error, transfer {state, bytes_done,
+        bytes_total, ssvm, reason, job_id} | null."""
+        ...
+
+    async def template_register(
+        self, zone: str, name: str, url: str, format: str, checksum: str | None = None
+    ) -> JobInfo:
+        """Register a template from an http(s) URL: the zone's SSVM downloads it with progress.
+        `format` is QCOW2 | RAW | ISO; `checksum` CloudStack's `{SHA-256}hex` (or a bare MD5)."""
+        ...
+
+    async def template_upload(
+        self, zone: str, name: str, path: str, format: str, checksum: str | None = None
+    ) -> JobInfo:
+        """Upload a file that the engine's machine can read to the zone's SSVM, with progress."""
         ...
 
     async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:

@@ -25,6 +25,9 @@ METHODS = (
     "guest_vm_deploy",
     "guest_vm_action",
     "network_restart",
+    "templates_list",
+    "template_register",
+    "template_upload",
     "host_add",
     "lab_crash",
     "lab_host",
@@ -53,6 +56,8 @@ def from_wire(method: str, value: Any) -> Any:
         "guest_vm_deploy",
         "guest_vm_action",
         "network_restart",
+        "template_register",
+        "template_upload",
     ):
         return JobInfo.from_dict(value)
     if method == "jobs":

@@ -36,6 +36,7 @@ class CommandContext:
         self.boot_args = boot_args
         self._process = process
         self._booted_at = booted_at
+        self._pending = bytearray()  # input read ahead by readline, served first by read
 
     @property
     def uptime(self) -> float:
@@ -44,12 +45,56 @@ class CommandContext:
 
     async def stdin(self) -> str:
         """Read all of the command's input, up to end of file, as UTF-8 text."""
-        data = await self._process.stdin.read()
+        data = bytes(self._pending) + await self._process.stdin.read()
+        self._pending.clear()
         return data.decode("utf-8", errors="replace")
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read up to `n` bytes of input as they arrive (all of it to end of file when n < 0); b"" at EOF."""
+        if self._pending:
+            if n < 0:
+                data = bytes(self._pending) + await self._process.stdin.read()
+                self._pending.clear()
+                return data
+            data = bytes(self._pending[:n])
+            del self._pending[:n]
+            return data
+        return await self._process.stdin.read(n)
+
+    async def readline(self, limit: int = 64 * 1024) -> bytes:
+        """Read one line of input, newline included (without one at EOF); InvalidInput past `limit` bytes."""
+        while True:
+            end = self._pending.find(b"\n")
+            if end != -1:
+                line = bytes(self._pending[: end + 1])
+                del self._pending[: end + 1]
+                return line
+            if len(self._pending) > limit:
+                raise InvalidInput("stdin", f"no end of line within {limit} bytes")
+            chunk = await self._process.stdin.read(64 * 1024)
+            if not chunk:
+                line = bytes(self._pending)
+                self._pending.clear()
+                return line
+            self._pending += chunk
 
     def write(self, text: str) -> None:
         """Write text to the command's stdout."""
         self._process.stdout.write(text.encode())
+
+    async def drain(self) -> None:
+        """Wait until stdout has room again (flow control from the client)."""
+        await self._process.stdout.drain()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the client closed the session (or the connection dropped)."""
+        return self._process.is_closing()
+
+    async def wait_closed(self) -> None:
+        """Return once the client closes the session or the connection drops: a command that
+        should stop when nobody listens any more (a download being cancelled) waits on this."""
+        await self._process.channel.wait_closed()
 
     def write_err(self, text: str) -> None:
         """Write text to the command's stderr."""

@@ -36,6 +36,7 @@ from backend.services.guest_vms import GuestVMService
 from backend.services.names import check_name
 from backend.services.status import status_tree, system_vm_details
 from backend.services.system_vms import SystemVMService
+from backend.storage.transfers import TemplateTransfers
 from backend.transport.ssh import SystemVMTransport, generate_keypair, load_client_key
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Engine:
         self.system_vms = SystemVMService(self)
         self.guest_vms = GuestVMService(self)
         self.lab = LabCloud(self)
+        self.templates = TemplateTransfers(self)
         self.reconciler = Reconciler(self)
         self.host_monitor = HostMonitor(self)
         self.agent_timeout = 30.0
@@ -257,6 +259,9 @@ class Engine:
             JobKind("vm.stop", vm_action, resumable=True),
             JobKind("vm.destroy", vm_action, resumable=True),
             JobKind("network.restart", restart_network, False, not_again.format("restart")),
+            # the agent resumes a download from its part file; an upload starts over
+            JobKind("template.download", self.templates.run, resumable=True),
+            JobKind("template.upload", self.templates.run, resumable=True),
         ]
 
     async def _restart_network(self, ctx: JobContext) -> dict[str, Any]:
@@ -451,6 +456,40 @@ class Engine:
             {"name": name, "cleanup": cleanup},
             target_type="network",
             target_id=net_id,
+            target_name=name,
+        )
+
+    async def templates_list(self, zone: str | None = None) -> list[dict[str, Any]]:
+        self._live()
+        return await self.templates.list(zone)
+
+    async def template_register(
+        self, zone: str, name: str, url: str, format: str, checksum: str | None = None
+    ) -> JobInfo:
+        self._writable(f"register template {name}")
+        template_id, kind = await self.templates.register(
+            zone, name, url=url, fmt=format, checksum=checksum
+        )
+        return await self.runner.submit(
+            kind,
+            {"template_id": template_id, "direction": "download"},
+            target_type="template",
+            target_id=template_id,
+            target_name=name,
+        )
+
+    async def template_upload(
+        self, zone: str, name: str, path: str, format: str, checksum: str | None = None
+    ) -> JobInfo:
+        self._writable(f"upload template {name}")
+        template_id, kind = await self.templates.register(
+            zone, name, path=path, fmt=format, checksum=checksum
+        )
+        return await self.runner.submit(
+            kind,
+            {"template_id": template_id, "direction": "upload", "path": path},
+            target_type="template",
+            target_id=template_id,
             target_name=name,
         )
 

@@ -353,7 +353,7 @@ class LabCloud:
             self.engine.hypervisors.add(host.id, host.name, host.uri)
         for vm in svms:
             if vm.state == VMState.RUNNING.value:
-                await self.engine.guests.boot(vm)
+                await self.engine.system_vms.boot_guest(vm)
 
     async def down(self, ctx: JobContext) -> dict[str, Any]:
         """Power off and forget everything the lab made: domains, endpoints, records, files."""

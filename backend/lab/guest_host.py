@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.appliance.endpoint import ApplianceEndpoints
+from backend.appliance.secstorage.agent import register_secstorage
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,15 @@ class GuestHost:
     def __init__(self, authorized_key: str) -> None:
         self.endpoints = ApplianceEndpoints(authorized_key)
         self._booting: dict[str, asyncio.Task[int]] = {}
+        self._store_roots: dict[str, Path] = {}
+        # SSVM guests serve the secondary storage agent on their zone's image store.
+        register_secstorage(self.endpoints, self._store_root)
+
+    def _store_root(self, vm: str) -> Path:
+        root = self._store_roots.get(vm)
+        if root is None:
+            raise ValueError(f"{vm} has no image store mounted (not a secondary storage VM)")
+        return root
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
@@ -52,6 +62,8 @@ class GuestHost:
 
     async def _boot(self, req: dict[str, Any]) -> int:
         name = str(req["vm"])
+        if req.get("store_root"):
+            self._store_roots[name] = Path(str(req["store_root"]))
         port = self.endpoints.port_of(name)
         if port is not None:
             return port

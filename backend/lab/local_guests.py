@@ -91,8 +91,9 @@ class LocalGuests:
             raise SysvmError(f"lab guest host: {req['op']} {req.get('vm', '')}: {reply['error']}")
         return reply
 
-    async def boot(self, vm: SystemVM) -> None:
-        """Start the guest: its SSH endpoint answers after the boot delay (in the background)."""
+    async def boot(self, vm: SystemVM, *, store_root: str | None = None) -> None:
+        """Start the guest: its SSH endpoint answers after the boot delay (in the background).
+        `store_root` is the image store an SSVM's guest mounts."""
         if vm.name in self._ports or vm.name in self._booting:
             return
         name, key, args = vm.name, vm.host_key_private, dict(vm.boot_args)
@@ -100,7 +101,12 @@ class LocalGuests:
         async def _boot() -> None:
             try:
                 reply = await self._request(
-                    op="boot", vm=name, host_key=key, boot_args=args, delay=self.boot_delay
+                    op="boot",
+                    vm=name,
+                    host_key=key,
+                    boot_args=args,
+                    delay=self.boot_delay,
+                    store_root=store_root,
                 )
                 self._ports[name] = int(reply["port"])
             except SysvmError as exc:

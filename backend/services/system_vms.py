@@ -22,6 +22,7 @@ from backend.db.models import (
     GuestNetwork,
     Host,
     HostState,
+    ImageStore,
     IpRange,
     Nic,
     NicRole,
@@ -282,7 +283,7 @@ class SystemVMService:
         try:
             conn = self.engine.hypervisors.get(host.id)
             await conn.define_and_start(vm.name, self.domain_xml(vm, host))
-            await self.engine.guests.boot(vm)
+            await self.engine.system_vms.boot_guest(vm)
             await self.wait_for_agent(vm)
         except (SysvmError, OSError) as exc:
             await self.set_state(vm, VMState.ERROR, last_error=str(exc))
@@ -378,7 +379,7 @@ class SystemVMService:
             await self.set_state(vm, VMState.STARTING)
             try:
                 await self.engine.hypervisors.get(host.id).reboot(vm.name)
-                await self.engine.guests.boot(vm)
+                await self.engine.system_vms.boot_guest(vm)
                 await self.wait_for_agent(vm)
             except (SysvmError, OSError) as exc:
                 await self.set_state(vm, VMState.ERROR, last_error=str(exc))
@@ -452,6 +453,16 @@ class SystemVMService:
             await self._move(vm, target.id)
             await self.set_state(vm, VMState.RUNNING)
             return target.name
+
+    async def boot_guest(self, vm: SystemVM) -> None:
+        """Boot the VM's guest; an SSVM's guest mounts its zone's image store."""
+        store_root = None
+        if vm.type == SystemVMType.SSVM.value:
+            async with self.engine.db.read() as s:
+                store_root = await s.scalar(
+                    select(ImageStore.path).where(ImageStore.zone_id == vm.zone_id).limit(1)
+                )
+        await self.engine.guests.boot(vm, store_root=store_root)
 
     async def id_by_name(self, name: str) -> int:
         async with self.engine.db.read() as s:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 KEY_ALGORITHM = "ssh-ed25519"
 USERNAME = "root"
+STDERR_TAIL_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,17 @@ class CommandResult:
     exit_status: int
     stdout: str
     stderr: str
+
+
+class CommandFailed(TransportError):
+    """A streamed command exited non-zero; its stdout lines were already yielded (the last usually says why)."""
+
+    code = "command_failed"
+
+    def __init__(self, message: str, exit_status: int, stderr_tail: str) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+        self.stderr_tail = stderr_tail
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -167,6 +180,101 @@ class SystemVMTransport:
                 self._forget(key, connection)
                 raise TransportError(f"system VM at {where} refused a session: {exc2}") from exc2
 
+    async def stream(
+        self,
+        address: str,
+        port: int,
+        host_public_key: str,
+        command: str,
+        stdin: bytes | str | AsyncIterator[bytes] | None = None,
+        *,
+        idle_timeout: float | None = None,
+    ) -> AsyncIterator[str]:
+        """Run `command` on the system VM and yield its stdout lines (without the newline) as they come.
+
+        `stdin` is sent whole (bytes or text), or chunk by chunk with flow control (an async
+        iterator of bytes), then end of file. When the command exits non-zero, CommandFailed (a
+        TransportError carrying the exit status and the tail of stderr) is raised after the last
+        line. With `idle_timeout`, TransportTimeout is raised when no line comes for that long.
+        No overall timeout: a download may take hours. Closing the iterator early (`break` inside
+        `async with contextlib.aclosing(...)`, or cancelling the consuming task) closes the SSH
+        channel at once, which is how a remote command is told to stop.
+        Raises HostKeyMismatch, TransportError or TransportTimeout like `run`.
+        """
+        key: _Key = (address, port, host_public_key.strip())
+        where = f"{address}:{port}"
+        connection, reused = await self._connection(key)
+        while True:
+            await connection.channels.acquire()
+            try:
+                async with asyncio.timeout(self._command_timeout):
+                    process = await connection.conn.create_process(command, encoding=None)
+                break
+            except TimeoutError as exc:
+                connection.channels.release()
+                raise TransportTimeout(
+                    f"system VM at {where} did not open a session within {self._command_timeout:g}s"
+                ) from exc
+            except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, OSError) as exc:
+                connection.channels.release()
+                self._forget(key, connection)
+                if not reused:
+                    raise TransportError(
+                        f"system VM at {where} refused a session: {_reason(exc)}"
+                    ) from exc
+                log.info("connection to %s went stale (%s); reconnecting", where, _reason(exc))
+                connection, reused = await self._connection(key)
+            except BaseException:
+                connection.channels.release()
+                raise
+        feeder = asyncio.create_task(_feed_stdin(process, stdin), name=f"stdin-{where}")
+        stderr_tail = asyncio.create_task(_stderr_tail(process), name=f"stderr-{where}")
+        finished = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        line = await process.stdout.readline()
+                except TimeoutError as exc:
+                    raise TransportTimeout(
+                        f"command on system VM at {where} printed nothing for {idle_timeout:g}s"
+                    ) from exc
+                except (asyncssh.Error, OSError) as exc:
+                    raise TransportError(
+                        f"connection to system VM at {where} broke during a command: {_reason(exc)}"
+                    ) from exc
+                if not line:
+                    break
+                yield _text(line).rstrip("\r\n")
+            if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
+                raise feeder.exception()  # type: ignore[misc]
+            try:
+                completed = await process.wait(check=False)
+            except (asyncssh.Error, OSError) as exc:
+                raise TransportError(
+                    f"connection to system VM at {where} broke during a command: {_reason(exc)}"
+                ) from exc
+            finished = True
+            tail = await stderr_tail
+            if completed.returncode is None:
+                raise TransportError(
+                    f"connection to system VM at {where} closed before the command reported an exit status"
+                )
+            if completed.returncode != 0:
+                last = tail.strip().splitlines()[-1:] or ["no message on stderr"]
+                raise CommandFailed(
+                    f"{command.split(' ', 2)[:2]!r} on system VM at {where} exited with status "
+                    f"{completed.returncode}: {last[0][:300]}",
+                    completed.returncode,
+                    tail,
+                )
+        finally:
+            if not finished:
+                process.channel.abort()  # drop queued input too: stop now, not after a flush
+            feeder.cancel()
+            stderr_tail.cancel()
+            connection.channels.release()
+
     async def close(self) -> None:
         """Close every connection this transport holds."""
         slots, self._slots = self._slots, {}
@@ -276,6 +384,41 @@ class SystemVMTransport:
             stdout=_text(completed.stdout),
             stderr=_text(completed.stderr),
         )
+
+
+async def _feed_stdin(
+    process: asyncssh.SSHClientProcess[bytes], stdin: bytes | str | AsyncIterator[bytes] | None
+) -> None:
+    """Send `stdin` to the remote command with flow control, then end of file.
+
+    The remote side may stop reading (it failed, or finished early): a broken pipe ends the feed
+    quietly, the exit status tells the story. An error of the caller's iterator closes the channel.
+    """
+    try:
+        if isinstance(stdin, str):
+            stdin = stdin.encode()
+        if isinstance(stdin, bytes):
+            process.stdin.write(stdin)
+        elif stdin is not None:
+            async for chunk in stdin:
+                process.stdin.write(chunk)
+                await process.stdin.drain()
+        process.stdin.write_eof()
+        await process.stdin.drain()
+    except (BrokenPipeError, ConnectionError, asyncssh.Error):
+        pass
+    except Exception:
+        process.channel.abort()
+        raise
+
+
+async def _stderr_tail(process: asyncssh.SSHClientProcess[bytes]) -> str:
+    """Read stderr to the end (so it never blocks the channel), keeping the last few KiB."""
+    tail = b""
+    with contextlib.suppress(asyncssh.Error, OSError):
+        while chunk := await process.stderr.read(65536):
+            tail = (tail + chunk)[-STDERR_TAIL_BYTES:]
+    return _text(tail)
 
 
 class _ChannelNotOpened(Exception):
