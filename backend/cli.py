@@ -137,8 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     tr = tsub.add_parser(
         "register", help="download a template from an http(s) URL via the zone's SSVM"
     )
-    tr.add_argument("name", metavar="NAME")
-    tr.add_argument("url", metavar="URL")
+    tr.add_argument("--name", required=True)
+    tr.add_argument("--url", required=True, help="http or https URL of the image")
     tu = tsub.add_parser("upload", help="upload a local file to the zone's SSVM")
     tu.add_argument("file", metavar="FILE")
     tu.add_argument("--name", required=True)
@@ -148,10 +148,15 @@ def _parser() -> argparse.ArgumentParser:
         p_.add_argument("--checksum", help="{SHA-256}hex, {MD5}hex, ... or a bare MD5")
         p_.add_argument("--wait", action="store_true", help="follow the transfer until it ends")
         p_.add_argument("--json", action="store_true")
-    tc = tsub.add_parser("cancel", help="stop a transfer (ABANDONED, nothing left behind)")
-    tc.add_argument("name", metavar="NAME")
-    tc.add_argument("--zone", required=True)
-    tc.add_argument("--json", action="store_true")
+    for name, helptext in (
+        ("show", "one template and its transfer"),
+        ("cancel", "stop a transfer (ABANDONED, nothing left behind)"),
+        ("delete", "remove a template from the zone's image store"),
+    ):
+        tc = tsub.add_parser(name, help=helptext)
+        tc.add_argument("name", metavar="NAME")
+        tc.add_argument("--zone", required=True)
+        tc.add_argument("--json", action="store_true")
 
     net = sub.add_parser("network", help="guest networks")
     nsub = net.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -275,6 +280,28 @@ def _print_system_vm(v: dict[str, Any]) -> None:
         print(f"  {n['device']:<5} {n['role']:<10} {n['ip']:<15} {n['netmask']:<15} {n['mac']}")
     print("boot args:")
     print("  " + " ".join(f"{k}={val}" for k, val in v["boot_args"].items()))
+
+
+def _print_template(t: dict[str, Any]) -> None:
+    for key in (
+        "name",
+        "zone",
+        "format",
+        "state",
+        "url",
+        "checksum",
+        "size",
+        "virtual_size",
+        "error",
+    ):
+        if t.get(key) not in (None, ""):
+            print(f"{key + ':':<14} {t[key]}")
+    tr = t.get("transfer")
+    if tr:
+        total = tr["bytes_total"] or 0
+        pct = f" ({100 * tr['bytes_done'] / total:.1f}%)" if total else ""
+        print(f"{'transfer:':<14} {tr['state']} {tr['bytes_done']} of {total or '?'} bytes{pct}")
+        print(f"{'via:':<14} {tr['ssvm'] or '-'} ({tr['reason']})")
 
 
 def _print_status(tree: dict[str, Any]) -> None:
@@ -415,12 +442,23 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
                     f"{t['name']:<20} {t['zone']:<8} {t['format']:<6} {t['state']:<21} {progress} {extra}"
                 )
             return 0
-        if args.action == "cancel":
-            rows = await api.templates_list(zone=args.zone)
-            match = [t for t in rows if t["name"] == args.name]
-            if not match or not (match[0]["transfer"] or {}).get("job_id"):
-                raise SysvmError(f"no transfer of a template named {args.name!r} in {args.zone}")
-            job = await api.cancel_job(match[0]["transfer"]["job_id"])
+        if args.action in ("show", "cancel", "delete"):
+            match = [t for t in await api.templates_list(zone=args.zone) if t["name"] == args.name]
+            if not match:
+                raise SysvmError(f"no template named {args.name!r} in zone {args.zone}")
+            tpl = match[0]
+            if args.action == "show":
+                _print_json(tpl) if args.json else _print_template(tpl)
+                return 0
+            if args.action == "delete":
+                args.wait = True
+                return await _job_outcome(
+                    api, await api.template_delete(args.zone, args.name), args
+                )
+            job_id = (tpl["transfer"] or {}).get("job_id")
+            if not job_id:
+                raise SysvmError(f"template {args.name!r} has no transfer to cancel")
+            job = await api.cancel_job(job_id)
             _print_json(job.to_dict()) if args.json else print(_job_line(job))
             return 0
         if args.action == "register":
@@ -431,7 +469,13 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
             job = await api.template_upload(
                 args.zone, args.name, str(Path(args.file).resolve()), args.format, args.checksum
             )
-        return await _job_outcome(api, job, args)
+        if not args.wait:
+            return await _job_outcome(api, job, args)
+        # --wait: progress on stderr, the final state on stdout; non-zero unless it arrived
+        job = await _follow_job(api, job.id, quiet=False)
+        tpl = next(t for t in await api.templates_list(zone=args.zone) if t["name"] == args.name)
+        _print_json(tpl) if args.json else _print_template(tpl)
+        return 0 if tpl["state"] in ("DOWNLOADED", "UPLOADED") else EXIT_ERROR
     if cmd == "network":
         job = await api.network_restart(args.name, cleanup=args.cleanup)
         return await _job_outcome(api, job, args)

@@ -212,6 +212,10 @@ class RemoteEngine:
         )
         return job
 
+    async def template_delete(self, zone: str, name: str) -> JobInfo:
+        job: JobInfo = await self.call("template_delete", zone=zone, name=name)
+        return job
+
     async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:
         return dict(await self.call("host_add", zone=zone, name=name, uri=uri))
 

@@ -25,6 +25,7 @@ MUTATING = frozenset(
         "network_restart",
         "template_register",
         "template_upload",
+        "template_delete",
         "host_add",
         "lab_crash",
         "lab_host",
@@ -134,6 +135,10 @@ class EngineAPI(Protocol):
         self, zone: str, name: str, path: str, format: str, checksum: str | None = None
     ) -> JobInfo:
         """Upload a file that the engine's machine can read to the zone's SSVM, with progress."""
+        ...
+
+    async def template_delete(self, zone: str, name: str) -> JobInfo:
+        """Start a job removing a template's files (through the zone's SSVM) and its record."""
         ...
 
     async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ METHODS = (
     "templates_list",
     "template_register",
     "template_upload",
+    "template_delete",
     "host_add",
     "lab_crash",
     "lab_host",
@@ -58,6 +59,7 @@ def from_wire(method: str, value: Any) -> Any:
         "network_restart",
         "template_register",
         "template_upload",
+        "template_delete",
     ):
         return JobInfo.from_dict(value)
     if method == "jobs":

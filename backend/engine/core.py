@@ -262,6 +262,7 @@ class Engine:
             # the agent resumes a download from its part file; an upload starts over
             JobKind("template.download", self.templates.run, resumable=True),
             JobKind("template.upload", self.templates.run, resumable=True),
+            JobKind("template.delete", self.templates.delete, resumable=True),
         ]
 
     async def _restart_network(self, ctx: JobContext) -> dict[str, Any]:
@@ -488,6 +489,17 @@ class Engine:
         return await self.runner.submit(
             kind,
             {"template_id": template_id, "direction": "upload", "path": path},
+            target_type="template",
+            target_id=template_id,
+            target_name=name,
+        )
+
+    async def template_delete(self, zone: str, name: str) -> JobInfo:
+        self._writable(f"delete template {name}")
+        template_id = await self.templates.id_of(zone, name)
+        return await self.runner.submit(
+            "template.delete",
+            {"template_id": template_id},
             target_type="template",
             target_id=template_id,
             target_name=name,

@@ -206,7 +206,7 @@ class HostMonitor:
         for name, svm in svms.items():
             if svm.host_id == host.id and svm.state == VMState.UNKNOWN.value:
                 if domains.get(name) == "running":
-                    await self.engine.guests.boot(svm)
+                    await self.engine.system_vms.boot_guest(svm)
                     await self.engine.system_vms.set_state(svm, VMState.RUNNING)
                 else:
                     await self.engine.system_vms.set_state(svm, VMState.STOPPED)

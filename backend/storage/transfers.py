@@ -221,6 +221,57 @@ class TemplateTransfers:
             )
         return out
 
+    async def id_of(self, zone: str, name: str) -> int:
+        async with self.engine.db.read() as s:
+            template_id = await s.scalar(
+                select(Template.id)
+                .join(Zone, Zone.id == Template.zone_id)
+                .where(Zone.name == zone, Template.name == name)
+            )
+        if template_id is None:
+            raise NotFound(f"no template named {name!r} in zone {zone}")
+        return int(template_id)
+
+    async def delete(self, ctx: JobContext) -> dict[str, Any]:
+        """Remove the template's files through a Running SSVM, then its record."""
+        template_id = int(ctx.params["template_id"])
+        async with self.engine.db.read() as s:
+            t = await s.get(Template, template_id)
+            if t is None:
+                return {"deleted": False}
+            busy = await s.scalar(
+                select(TemplateTransfer.id).where(
+                    TemplateTransfer.template_id == template_id, TemplateTransfer.state.in_(ACTIVE)
+                )
+            )
+        if t.is_system:
+            raise Conflict(f"{t.name} is the system VM template; it cannot be deleted")
+        if busy is not None:
+            raise Conflict(f"{t.name} is being transferred; cancel the transfer first")
+        ssvm, _root = await self._wait_for_ssvm(ctx, template_id)
+        endpoint = self.engine.guests.ssh_endpoint(ssvm)
+        if endpoint is None:
+            raise SysvmError(f"{ssvm.name} does not answer; try again")
+        result = await self.engine.transport.run(
+            endpoint[0],
+            endpoint[1],
+            ssvm.host_key_public,
+            "sysvm-secstorage delete",
+            stdin=json.dumps({"dest": f"template/tmpl/{t.account}/{t.id}"}),
+        )
+        if result.exit_status != 0:
+            why = result.stdout.strip() or result.stderr.strip()
+            raise SysvmError(f"{ssvm.name} could not delete {t.name}: {why}")
+
+        async def work(s: AsyncSession) -> None:
+            row = await s.get(Template, template_id)
+            if row is not None:
+                await s.delete(row)
+
+        await self.engine.db.write(work)
+        self.engine.bus.publish("template", template_id, "deleted", t.name)
+        return {"deleted": True}
+
     # -- the job ---------------------------------------------------------------------------
 
     async def run(self, ctx: JobContext) -> dict[str, Any]:

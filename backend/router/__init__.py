@@ -1,0 +1,1 @@
+"""Router rules: the validated rule model, conflicts between rules, and the versioned router bundle."""
