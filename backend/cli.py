@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     dep = vsub.add_parser("deploy", help="create and start a guest VM on a network")
     dep.add_argument("name", metavar="NAME")
     dep.add_argument("--network", required=True, help="guest network to attach it to")
+    dep.add_argument("--template", help="template of its root disk (default: none, diskless)")
     dep.add_argument("--wait", action="store_true")
     dep.add_argument("--json", action="store_true")
     for name in ("start", "stop", "destroy"):
@@ -418,7 +419,7 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
         return await _job_outcome(api, job, args)
     if cmd == "vm":
         if args.action == "deploy":
-            job = await api.guest_vm_deploy(args.network, args.name)
+            job = await api.guest_vm_deploy(args.network, args.name, template=args.template)
         else:
             job = await api.guest_vm_action(
                 args.name, args.action, force=getattr(args, "force", False)

@@ -17,6 +17,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -123,3 +124,95 @@ async def test_system_vms_run_on_real_kvm_and_virsh_destroy_is_healed(
             if name.endswith(suffix) or name == f"web-{suffix}":
                 virsh("destroy", name)
                 virsh("undefine", name)
+
+
+async def test_template_is_uploaded_to_the_kvm_hosts_pool_once_and_vms_boot_from_it(
+    qemu_uri: str, bridges: list[str], make_engine: Any, tmp_path: Any
+) -> None:
+    """virStorageVol.upload into a dir pool on a real libvirtd, with progress, cached per pool."""
+    import http.server
+    import threading
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img (qemu-utils) is not installed")
+    www = tmp_path / "www"
+    www.mkdir()
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(www / "tiny.qcow2"), "64M"], check=True
+    )
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=str(www), **kw)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    suffix = "t" + uuid.uuid4().hex[:8]
+    engine = await make_engine(
+        SYSVM_INSTANCE_NAME=suffix, SYSVM_HOST_PING_INTERVAL="0.2", SYSVM_HOST_PING_TIMEOUT="1"
+    )
+    pool = None
+    try:
+        await converge_lab(engine, zones=1, hosts=1, networks=1, vms=0)
+        url = f"http://127.0.0.1:{server.server_address[1]}/tiny.qcow2"
+        job = await engine.wait_job(
+            (await engine.template_register("zone1", "tiny", url, "QCOW2")).id, 60
+        )
+        assert job.state == "succeeded", job.error
+        # QEMU runs as libvirt-qemu: it must be able to walk down to the pool's directory
+        # (pytest's temporary directories are private to root).
+        primary = engine.home / "lab" / "primary" / "zone1"
+        for parent in [primary, *primary.parents]:
+            if parent == Path("/tmp"):
+                break
+            parent.chmod(parent.stat().st_mode | 0o011)
+        await engine.host_add("zone1", f"kvm-{suffix}", qemu_uri)
+        await engine.lab_host("zone1-host1", up=False)  # the guest VMs go to the KVM host
+        deadline = time.monotonic() + 30
+        while (await engine.status())["zones"][0]["hosts"][0]["state"] != "Alert":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        messages: list[str] = []
+
+        async def watch() -> None:
+            async for ev in engine.subscribe(["job"]):
+                messages.append(str(ev.fields.get("message", "")))
+
+        watcher = asyncio.create_task(watch())
+        pool = (
+            "zone1-primary"  # the lab zone's primary storage, defined on the KVM host on first use
+        )
+        names = [f"web1-{suffix}", f"web2-{suffix}"]
+        for name in names:
+            job = await engine.wait_job(
+                (await engine.guest_vm_deploy("zone1-net1", name, template="tiny")).id, 120
+            )
+            assert job.state == "succeeded", job.error
+        watcher.cancel()
+        assert sum("copying tiny" in m for m in messages) >= 1
+        vols = [
+            line.split()[0]
+            for line in virsh("vol-list", pool).stdout.splitlines()[2:]
+            if line.split()
+        ]
+        assert [v for v in vols if v.startswith("template-")] == ["template-2.qcow2"], vols  # once
+        for name in names:
+            assert virsh("domstate", name).stdout.strip() == "running"
+            xml = virsh("dumpxml", name).stdout
+            assert f"{name}-root.qcow2" in xml and "backingStore" in xml
+    finally:
+        await engine.stop()
+        server.shutdown()
+        for name in virsh("list", "--all", "--name").stdout.split():
+            if name.endswith(suffix):
+                virsh("destroy", name)
+                virsh("undefine", name)
+        if pool:
+            for line in virsh("vol-list", pool).stdout.splitlines()[2:]:
+                if line.split():
+                    virsh("vol-delete", line.split()[0], "--pool", pool)
+            virsh("pool-destroy", pool)
+            virsh("pool-undefine", pool)

@@ -214,3 +214,37 @@ async def test_upload_from_the_jump_host_is_verified_and_stored(
     assert job.state == "succeeded", job.error
     t = await template(engine, "up")
     assert t["state"] == "UPLOADED" and t["size"] == len(BLOB)
+
+
+async def test_first_start_from_a_template_records_the_copy_on_a_lab_host_and_says_so(
+    make_engine: MakeEngine, origin: _Origin
+) -> None:
+    engine = await make_engine()
+    await converge_lab(engine, zones=1, hosts=1, networks=1, vms=0)
+    job = await engine.wait_job(
+        (await engine.template_register("zone1", "blob", url(origin), "RAW", SHA256)).id, 60
+    )
+    assert job.state == "succeeded", job.error
+    seen: list[str] = []
+
+    async def watch() -> None:
+        async for ev in engine.subscribe(["job"]):
+            seen.append(str(ev.fields.get("message", "")))
+
+    watcher = asyncio.create_task(watch())
+    first = await engine.wait_job(
+        (await engine.guest_vm_deploy("zone1-net1", "web1", template="blob")).id, 60
+    )
+    second = await engine.wait_job(
+        (await engine.guest_vm_deploy("zone1-net1", "web2", template="blob")).id, 60
+    )
+    watcher.cancel()
+    assert first.state == second.state == "succeeded", (first.error, second.error)
+    recorded = [m for m in seen if "recorded, not performed" in m]
+    assert len(recorded) == 1, (
+        "the copy happens (is recorded) once per host pool, then it is cached"
+    )
+    assert "libvirt's test driver has no upload streams" in recorded[0]
+    with pytest.raises(InvalidInput) as err:
+        await engine.guest_vm_deploy("zone1-net1", "web3", template="no-such-template")
+    assert err.value.field == "template"

@@ -181,8 +181,12 @@ class RemoteEngine:
         )
         return job
 
-    async def guest_vm_deploy(self, network: str, name: str) -> JobInfo:
-        job: JobInfo = await self.call("guest_vm_deploy", network=network, name=name)
+    async def guest_vm_deploy(
+        self, network: str, name: str, template: str | None = None
+    ) -> JobInfo:
+        job: JobInfo = await self.call(
+            "guest_vm_deploy", network=network, name=name, template=template
+        )
         return job
 
     async def guest_vm_action(self, name: str, action: str, force: bool = False) -> JobInfo:

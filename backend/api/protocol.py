@@ -106,8 +106,11 @@ class EngineAPI(Protocol):
         off at once on stop. Destroyed SSVMs/CPVMs are replaced by the zone's reconciler."""
         ...
 
-    async def guest_vm_deploy(self, network: str, name: str) -> JobInfo:
-        """Start a job deploying and starting guest VM `name` on `network` (its router first)."""
+    async def guest_vm_deploy(
+        self, network: str, name: str, template: str | None = None
+    ) -> JobInfo:
+        """Start a job deploying and starting guest VM `name` on `network` (its router first),
+        from `template` (copied to the host's primary storage on first use) or diskless."""
         ...
 
     async def guest_vm_action(self, name: str, action: str, force: bool = False) -> JobInfo:

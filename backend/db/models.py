@@ -187,6 +187,22 @@ class PrimaryStorage(Timestamped, Base):
     path: Mapped[str] = mapped_column(String(1024))
 
 
+class TemplateCopy(Timestamped, Base):
+    """A template copied to a host's primary storage pool (once; guest VMs then use it)."""
+
+    __tablename__ = "template_copies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    template_id: Mapped[int] = mapped_column(ForeignKey("templates.id", ondelete="CASCADE"))
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+    pool_name: Mapped[str] = mapped_column(String(64))
+    volume: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(Text, default="")
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    # copied: the bytes are in the pool; recorded: a lab test host, nothing was copied
+    state: Mapped[str] = mapped_column(String(16))
+    __table_args__ = (UniqueConstraint("template_id", "host_id", name="one_copy_per_host"),)
+
+
 class ImageStore(Timestamped, Base):
     """Secondary storage of a zone: templates, ISOs, snapshots live under `path`."""
 
@@ -327,6 +343,8 @@ class GuestVM(Timestamped, Base):
     state: Mapped[str] = mapped_column(String(16), default=VMState.STOPPED.value)
     uuid: Mapped[str] = mapped_column(String(36), unique=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # its root disk on primary storage (a copy-on-write volume over the template), if any
+    disk_path: Mapped[str] = mapped_column(Text, default="")
     nics: Mapped[list[Nic]] = relationship(
         back_populates="guest_vm", cascade="all, delete-orphan", order_by="Nic.device_id"
     )

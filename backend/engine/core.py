@@ -22,7 +22,16 @@ from backend import __version__
 from backend.api.types import EventRecord, JobInfo, StatusTree
 from backend.config import Config
 from backend.db.database import Database
-from backend.db.models import GuestNetwork, GuestVM, Host, HostState, SystemVM, VMState, Zone
+from backend.db.models import (
+    GuestNetwork,
+    GuestVM,
+    Host,
+    HostState,
+    SystemVM,
+    Template,
+    VMState,
+    Zone,
+)
 from backend.engine.events import EventBus
 from backend.engine.jobs import JobContext, JobKind, JobRunner
 from backend.errors import Conflict, EngineUnavailable, InvalidInput, NotFound, ReadOnly
@@ -36,6 +45,7 @@ from backend.services.guest_vms import GuestVMService
 from backend.services.names import check_name
 from backend.services.status import status_tree, system_vm_details
 from backend.services.system_vms import SystemVMService
+from backend.storage.primary import PrimaryStorageCopies
 from backend.storage.transfers import TemplateTransfers
 from backend.transport.ssh import SystemVMTransport, generate_keypair, load_client_key
 
@@ -68,6 +78,7 @@ class Engine:
         self.guest_vms = GuestVMService(self)
         self.lab = LabCloud(self)
         self.templates = TemplateTransfers(self)
+        self.primary = PrimaryStorageCopies(self)
         self.reconciler = Reconciler(self)
         self.host_monitor = HostMonitor(self)
         self.agent_timeout = 30.0
@@ -224,18 +235,26 @@ class Engine:
             host_id = await self._host_id(ctx.params["host"]) if ctx.params.get("host") else None
             return {"host": await svm.migrate(await by_name(ctx), host_id)}
 
+        def copy_progress(ctx: JobContext) -> Any:
+            async def report(pct: float, message: str, done: int, total: int) -> None:
+                await ctx.progress(
+                    pct, message=message, bytes_done=done or None, bytes_total=total or None
+                )
+
+            return report
+
         async def vm_deploy(ctx: JobContext) -> dict[str, Any]:
             net_id = await self._network_id(ctx.params["network"])
-            vm_id = await gvm.deploy(net_id, ctx.params["name"])
-            await ctx.progress(30, message="recorded; starting (its router first)")
-            await gvm.start(vm_id)
+            vm_id = await gvm.deploy(net_id, ctx.params["name"], ctx.params.get("template_id"))
+            await ctx.progress(10, message="recorded; starting (its router first)")
+            await gvm.start(vm_id, copy_progress(ctx))
             return {"id": vm_id}
 
         async def vm_action(ctx: JobContext) -> dict[str, Any]:
             vm_id = await gvm.id_by_name(ctx.params["name"])
             action = ctx.params["action"]
             if action == "start":
-                await gvm.start(vm_id)
+                await gvm.start(vm_id, copy_progress(ctx))
             elif action == "stop":
                 await gvm.stop(vm_id, force=bool(ctx.params.get("force")))
             else:
@@ -420,16 +439,33 @@ class Engine:
             target_name=name,
         )
 
-    async def guest_vm_deploy(self, network: str, name: str) -> JobInfo:
+    async def guest_vm_deploy(
+        self, network: str, name: str, template: str | None = None
+    ) -> JobInfo:
         self._writable(f"deploy {name}")
         check_name("name", name)
-        await self._network_id(network)
+        net_id = await self._network_id(network)
+        template_id = None
+        if template is not None:
+            async with self.db.read() as s:
+                zone_id = await s.scalar(
+                    select(GuestNetwork.zone_id).where(GuestNetwork.id == net_id)
+                )
+                template_id = await s.scalar(
+                    select(Template.id).where(
+                        Template.zone_id == zone_id, Template.name == template
+                    )
+                )
+            if template_id is None:
+                raise InvalidInput(
+                    "template", f"no template named {template!r} in the network's zone"
+                )
         async with self.db.read() as s:
             if await s.scalar(select(GuestVM.id).where(GuestVM.name == name)) is not None:
                 raise Conflict(f"a guest VM named {name!r} already exists")
         return await self.runner.submit(
             "vm.deploy",
-            {"network": network, "name": name},
+            {"network": network, "name": name, "template_id": template_id},
             target_type="guest_vm",
             target_name=name,
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -95,6 +95,9 @@ class BundleRule:
 
     id: int
     rule: Rule
+    # The JSON object this rule was parsed from, so a later bundle can reuse the parsed rule when
+    # it receives the same object again (see RouterBundle.from_dict's `previous`).
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def type(self) -> str:
@@ -162,17 +165,30 @@ class RouterBundle:
         return out
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> RouterBundle:
-        """Parse and fully validate a bundle received as JSON."""
+    def from_json(cls, text: str | bytes, previous: RouterBundle | None = None) -> RouterBundle:
+        """Parse and fully validate a bundle received as JSON (see `from_dict` for `previous`)."""
         try:
             data = json.loads(text, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as exc:
             raise InvalidInput("bundle", f"is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        # The parsed objects are ours alone, so rules keep them for reuse by the next bundle.
+        return cls._validate(data, previous, keep_raw=True)
 
     @classmethod
-    def from_dict(cls, data: object) -> RouterBundle:
-        """Validate a bundle's JSON object: shape, every field, every rule, and rule conflicts."""
+    def from_dict(cls, data: object, previous: RouterBundle | None = None) -> RouterBundle:
+        """Validate a bundle's JSON object: shape, every field, every rule, and rule conflicts.
+
+        With `previous` (the last bundle of the same router), rules received exactly as before
+        are not parsed again, which makes a one-rule change of a large bundle cheap; the result
+        is the same as without it. Only bundles parsed by `from_json` or built by `create` are
+        reusable as `previous` (they own their JSON objects; a caller's dict may change later).
+        """
+        return cls._validate(data, previous, keep_raw=False)
+
+    @classmethod
+    def _validate(
+        cls, data: object, previous: RouterBundle | None, *, keep_raw: bool
+    ) -> RouterBundle:
         top = FieldReader(
             data,
             (
@@ -195,7 +211,12 @@ class RouterBundle:
         ctx = NetworkContext(
             cidr=network.cidr, gateway=network.gateway, public_ips=frozenset(addresses.public_ips)
         )
-        rules = _rules(top.get("rules", []), ctx)
+        same_network = previous is not None and (previous.network, previous.addresses) == (
+            network,
+            addresses,
+        )
+        reusable = {r.id: r for r in previous.rules} if previous and same_network else {}
+        rules = _rules(top.get("rules", []), ctx, reusable, keep_raw)
         users = _vpn_users(top.get("vpn_users", []))
         policy = parse_egress_policy(top.get("default_egress_policy", EgressPolicy.ALLOW.value))
         sources_raw = top.get("control_sources", list(DEFAULT_CONTROL_SOURCES))
@@ -219,20 +240,27 @@ class RouterBundle:
         vpn_users: Iterable[Mapping[str, Any]] = (),
         default_egress_policy: str = EgressPolicy.ALLOW.value,
         control_sources: Iterable[str] = DEFAULT_CONTROL_SOURCES,
+        previous: RouterBundle | None = None,
     ) -> RouterBundle:
-        """Build and validate a bundle from database rows: rules as (id, type, fields)."""
-        return cls.from_dict(
-            {
-                "format": BUNDLE_FORMAT,
-                "version": version,
-                "network": network.to_dict(),
-                "addresses": addresses.to_dict(),
-                "rules": [{"id": i, "type": t, "fields": dict(f)} for i, t, f in rules],
-                "vpn_users": [dict(u) for u in vpn_users],
-                "default_egress_policy": default_egress_policy,
-                "control_sources": list(control_sources),
-            }
-        )
+        """Build and validate a bundle from database rows: rules as (id, type, fields).
+
+        The rows go through JSON text, so the bundle owns its objects and can be `previous`.
+        """
+        payload = {
+            "format": BUNDLE_FORMAT,
+            "version": version,
+            "network": network.to_dict(),
+            "addresses": addresses.to_dict(),
+            "rules": [{"id": i, "type": t, "fields": f} for i, t, f in rules],
+            "vpn_users": list(vpn_users),
+            "default_egress_policy": default_egress_policy,
+            "control_sources": list(control_sources),
+        }
+        try:
+            text = json.dumps(payload, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput("bundle", f"holds a value JSON cannot carry: {exc}") from None
+        return cls.from_json(text, previous)
 
 
 _NETWORK_KEYS = ("name", "cidr", "gateway", "vlan", "domain", "dns_servers")
@@ -283,27 +311,47 @@ def _addresses(r: FieldReader, network: BundleNetwork) -> RouterAddresses:
     return RouterAddresses(control, guest, tuple(public))
 
 
-def _rules(raw: object, ctx: NetworkContext) -> tuple[BundleRule, ...]:
+def _rules(
+    raw: object, ctx: NetworkContext, previous: Mapping[int, BundleRule], keep_raw: bool
+) -> tuple[BundleRule, ...]:
+    """Parse every rule, then check conflicts. A rule whose JSON object equals the one a previous
+    bundle (of the same network and addresses) parsed is reused as it was: it passed the same
+    checks then. Unchanged rules never conflict with each other, so only the others are checked
+    against the whole set, and a conflict blames the changed rule."""
     items = check_list("rules", raw, max_items=MAX_RULES)
     index = ClaimIndex()
     out: dict[int, BundleRule] = {}
+    pending: list[tuple[str, BundleRule]] = []
     for i, item in enumerate(items):
         path = join("rules", i)
         r = FieldReader(item, ("id", "type", "fields"), path=path)
         rule_id = check_int(r.name("id"), r.require("id"), 1, 2**63 - 1)
         if rule_id in out:
             raise InvalidInput(r.name("id"), f"rule id {rule_id} is used twice")
+        before = previous.get(rule_id)
+        if before is not None and before.raw == item:
+            out[rule_id] = before
+            index.record(f"{before.rule.type} rule {rule_id}", before.rule.claims())
+            continue
         try:
             rule = parse_rule_alone(r.require("type"), r.require("fields"), ctx)  # type: ignore[arg-type]
-            index.add(f"{rule.type} rule {rule_id}", rule.claims())
         except InvalidInput as exc:
-            if exc.field in ("type", "fields"):
-                where = r.name(exc.field)
-            else:
-                where = join(r.name("fields"), exc.field)
-            raise InvalidInput(where, exc.reason) from None
-        out[rule_id] = BundleRule(rule_id, rule)
+            raise _in_rule(r, exc) from None
+        out[rule_id] = BundleRule(rule_id, rule, item if keep_raw else None)  # type: ignore[arg-type]
+        pending.append((path, out[rule_id]))
+    for path, entry in pending:
+        try:
+            index.add(f"{entry.rule.type} rule {entry.id}", entry.rule.claims())
+        except InvalidInput as exc:
+            raise _in_rule(FieldReader({}, (), path=path), exc) from None
     return tuple(out[k] for k in sorted(out))
+
+
+def _in_rule(r: FieldReader, exc: InvalidInput) -> InvalidInput:
+    """An error of a rule's fields, renamed to its place in the bundle (`rules[3].fields.x`)."""
+    if exc.field in ("type", "fields"):
+        return InvalidInput(r.name(exc.field), exc.reason)
+    return InvalidInput(join(r.name("fields"), exc.field), exc.reason)
 
 
 def _vpn_users(raw: object) -> tuple[VpnUser, ...]:

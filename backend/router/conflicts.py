@@ -104,6 +104,11 @@ class ClaimIndex:
                 if other.start <= claim.end and claim.start <= other.end:
                     raise InvalidInput(claim.field, f"{claim.what} conflicts with {other.what}")
 
+    def record(self, owner: str, claims: tuple[Claim, ...]) -> None:
+        """Record claims known not to conflict (they were checked together before)."""
+        for claim in claims:
+            self._record(owner, claim)
+
     def _find(self, claim: Claim) -> tuple[str, Claim] | None:
         if claim.start or claim.end:
             ranges = self._ranges.get(claim.resource)

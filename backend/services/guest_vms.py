@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from backend.db import ip_allocator
-from backend.db.models import GuestNetwork, GuestVM, Host, Nic, NicRole, VMState, utcnow
+from backend.db.models import GuestNetwork, GuestVM, Host, Nic, NicRole, Template, VMState, utcnow
 from backend.errors import Conflict, NotFound, SysvmError
 from backend.hypervisor.domain_xml import DomainSpec, NicSpec, build_domain_xml
 from backend.services.system_vms import (
@@ -21,6 +21,7 @@ from backend.services.system_vms import (
     _require,
     mac_for,
 )
+from backend.storage.primary import COPIED, Progress
 
 if TYPE_CHECKING:
     from backend.engine.core import Engine
@@ -43,7 +44,7 @@ class GuestVMService:
             raise NotFound(f"no guest VM named {name!r}; `sysvm status` lists them")
         return int(vm_id)
 
-    async def deploy(self, network_id: int, name: str) -> int:
+    async def deploy(self, network_id: int, name: str, template_id: int | None = None) -> int:
         async def work(s: AsyncSession) -> tuple[int, str, str | None, int]:
             net = await s.get(GuestNetwork, network_id)
             if net is None:
@@ -57,6 +58,7 @@ class GuestVMService:
                 zone_id=net.zone_id,
                 network_id=net.id,
                 host_id=host.id,
+                template_id=template_id,
                 state=VMState.STOPPED.value,
                 uuid=str(uuid.uuid4()),
             )
@@ -105,8 +107,9 @@ class GuestVMService:
             host = await s.get(Host, vm.host_id) if vm.host_id else None
             return vm, host
 
-    async def start(self, vm_id: int) -> None:
-        """Start the VM; its network's router is created or started first."""
+    async def start(self, vm_id: int, progress: Progress | None = None) -> None:
+        """Start the VM; its network's router is created or started first, and on its first
+        start its template is copied to the host's primary storage (`progress` reports it)."""
         async with self.lock(vm_id):
             vm, host = await self._load(vm_id)
             if vm.state == VMState.RUNNING.value:
@@ -117,6 +120,8 @@ class GuestVMService:
             await self.engine.system_vms.ensure_router(vm.network_id)
             await self.set_state(vm, VMState.STARTING)
             try:
+                if vm.template_id is not None and not vm.disk_path:
+                    await self._root_disk(vm, host, progress)
                 await self.engine.hypervisors.get(host.id).define_and_start(
                     vm.name, self.domain_xml(vm, host)
                 )
@@ -124,6 +129,26 @@ class GuestVMService:
                 await self.set_state(vm, VMState.ERROR)
                 raise
             await self.set_state(vm, VMState.RUNNING, started_at=utcnow())
+
+    async def _root_disk(self, vm: GuestVM, host: Host, progress: Progress | None) -> None:
+        assert vm.template_id is not None
+        copy = await self.engine.primary.ensure(vm.template_id, host, progress)
+        if copy["state"] != COPIED:
+            return  # a lab test host: the copy is recorded only, the domain has no disk
+        async with self.engine.db.read() as s:
+            t = await s.get(Template, vm.template_id)
+        assert t is not None
+        if t.format == "ISO":
+            return
+        path = await self.engine.primary.root_disk(host, copy["path"], t.format, vm.name)
+
+        async def work(s: AsyncSession) -> None:
+            row = await s.get(GuestVM, vm.id)
+            assert row is not None
+            row.disk_path = path
+
+        await self.engine.db.write(work)
+        vm.disk_path = path
 
     async def stop(self, vm_id: int, *, force: bool = False) -> None:
         async with self.lock(vm_id):
@@ -163,6 +188,7 @@ class GuestVMService:
             vcpus=1,
             nics=[NicSpec(n.role, n.mac, BRIDGES[NicRole.GUEST]) for n in vm.nics],
             vnc_listen=host.vnc_listen,
+            disk_path=vm.disk_path,
         )
         return build_domain_xml(spec, runstate=runstate)
 

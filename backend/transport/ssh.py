@@ -263,7 +263,7 @@ class SystemVMTransport:
             if completed.returncode != 0:
                 last = tail.strip().splitlines()[-1:] or ["no message on stderr"]
                 raise CommandFailed(
-                    f"{command.split(' ', 2)[:2]!r} on system VM at {where} exited with status "
+                    f"{' '.join(command.split()[:2])!r} on system VM at {where} exited with status "
                     f"{completed.returncode}: {last[0][:300]}",
                     completed.returncode,
                     tail,

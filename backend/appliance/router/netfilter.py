@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from backend.appliance.router.layout import RouterInterfaces
 from backend.router.bundle import RouterBundle
@@ -40,6 +41,7 @@ from backend.router.rules import (
     PortRange,
     Protocol,
     RemoteAccessVpn,
+    Rule,
     SourceNatRule,
     StaticNatRule,
 )
@@ -164,115 +166,100 @@ def _proto_match(protocol: str, ports: PortRange | None, icmp: IcmpMatch | None)
     return []
 
 
-class _Lines:
-    """Per-rule lines collected by section and bucket."""
-
-    def __init__(self) -> None:
-        self.buckets: dict[tuple[Section, str], list[str]] = defaultdict(list)
-
-    def add(self, section: Section, rule_id: int, line_spec: str) -> None:
-        self.buckets[(section, section.bucket(rule_id))].append(line_spec)
-
-    def chains_of(self, section: Section) -> list[str]:
-        return sorted(name for (sec, name) in self.buckets if sec == section)
+Fragment = tuple[Section, str]
 
 
-def _ingress(lines: _Lines, rule_id: int, rule: FirewallIngressRule) -> None:
-    proto = None if rule.protocol is Protocol.ALL else rule.protocol.value
-    for src in rule.source_cidrs:
-        lines.add(
-            FW_INGRESS,
-            rule_id,
-            spec(
-                s=src,
-                d=rule.public_ip,
-                p=proto,
-                matches=_proto_match(rule.protocol.value, rule.ports, rule.icmp),
-                rule_id=rule_id,
-                target="ACCEPT",
-            ),
-        )
-
-
-def _egress(lines: _Lines, rule_id: int, rule: FirewallEgressRule, action: str) -> None:
+def _ingress(rule_id: int, rule: FirewallIngressRule) -> list[Fragment]:
     proto = None if rule.protocol is Protocol.ALL else rule.protocol.value
     matches = _proto_match(rule.protocol.value, rule.ports, rule.icmp)
-    for src in rule.source_cidrs:
-        for dst in rule.dest_cidrs:
-            lines.add(
-                FW_EGRESS,
-                rule_id,
-                spec(s=src, d=dst, p=proto, matches=matches, rule_id=rule_id, target=action),
-            )
+    return [
+        (
+            FW_INGRESS,
+            spec(
+                s=src, d=rule.public_ip, p=proto, matches=matches, rule_id=rule_id, target="ACCEPT"
+            ),
+        )
+        for src in rule.source_cidrs
+    ]
 
 
-def _open_public_port(
-    lines: _Lines, section: Section, rule_id: int, ip: str, protocol: str, ports: PortRange
-) -> None:
-    lines.add(
+def _egress(rule_id: int, rule: FirewallEgressRule, action: str) -> list[Fragment]:
+    proto = None if rule.protocol is Protocol.ALL else rule.protocol.value
+    matches = _proto_match(rule.protocol.value, rule.ports, rule.icmp)
+    return [
+        (FW_EGRESS, spec(s=src, d=dst, p=proto, matches=matches, rule_id=rule_id, target=action))
+        for src in rule.source_cidrs
+        for dst in rule.dest_cidrs
+    ]
+
+
+def _open_port(section: Section, rule_id: int, ip: str, protocol: str, ports: str) -> Fragment:
+    return (
         section,
-        rule_id,
         spec(
             d=ip,
             p=protocol,
-            matches=[f"-m {protocol} --dport {ports.iptables()}"],
+            matches=[f"-m {protocol} --dport {ports}"],
             rule_id=rule_id,
             target="ACCEPT",
         ),
     )
 
 
-def _port_forward(lines: _Lines, rule_id: int, rule: PortForwardRule) -> None:
+def _port_forward(rule_id: int, rule: PortForwardRule) -> list[Fragment]:
     proto = rule.protocol.value
     private = rule.private_ports
     to_port = (
         str(private.start) if private.start == private.end else f"{private.start}-{private.end}"
     )
-    lines.add(
-        DNAT,
-        rule_id,
-        spec(
-            d=rule.public_ip,
-            p=proto,
-            matches=[f"-m {proto} --dport {rule.public_ports.iptables()}"],
-            rule_id=rule_id,
-            target=f"DNAT --to-destination {rule.private_ip}:{to_port}",
-        ),
-    )
+    out = [
+        (
+            DNAT,
+            spec(
+                d=rule.public_ip,
+                p=proto,
+                matches=[f"-m {proto} --dport {rule.public_ports.iptables()}"],
+                rule_id=rule_id,
+                target=f"DNAT --to-destination {rule.private_ip}:{to_port}",
+            ),
+        )
+    ]
     if rule.open_firewall:
-        _open_public_port(lines, FW_INGRESS, rule_id, rule.public_ip, proto, rule.public_ports)
+        out.append(
+            _open_port(FW_INGRESS, rule_id, rule.public_ip, proto, rule.public_ports.iptables())
+        )
+    return out
 
 
-def _static_nat(lines: _Lines, rule_id: int, rule: StaticNatRule, ifs: RouterInterfaces) -> None:
-    lines.add(
-        DNAT,
-        rule_id,
-        spec(
-            d=rule.public_ip,
-            rule_id=rule_id,
-            target=f"DNAT --to-destination {rule.private_ip}",
+def _static_nat(rule_id: int, rule: StaticNatRule, ifs: RouterInterfaces) -> list[Fragment]:
+    return [
+        (
+            DNAT,
+            spec(
+                d=rule.public_ip, rule_id=rule_id, target=f"DNAT --to-destination {rule.private_ip}"
+            ),
         ),
-    )
-    lines.add(
-        SNAT,
-        rule_id,
-        spec(
-            s=rule.private_ip,
-            o=ifs.public,
-            rule_id=rule_id,
-            target=f"SNAT --to-source {rule.public_ip}",
+        (
+            SNAT,
+            spec(
+                s=rule.private_ip,
+                o=ifs.public,
+                rule_id=rule_id,
+                target=f"SNAT --to-source {rule.public_ip}",
+            ),
         ),
-    )
+    ]
 
 
-def _load_balancer(lines: _Lines, rule_id: int, rule: LoadBalancerRule) -> None:
-    port = PortRange(rule.public_port, rule.public_port)
-    _open_public_port(lines, INPUT, rule_id, rule.public_ip, "tcp", port)
+def _load_balancer(rule_id: int, rule: LoadBalancerRule) -> list[Fragment]:
+    port = str(rule.public_port)
+    out = [_open_port(INPUT, rule_id, rule.public_ip, "tcp", port)]
     if rule.open_firewall:
-        _open_public_port(lines, FW_INGRESS, rule_id, rule.public_ip, "tcp", port)
+        out.append(_open_port(FW_INGRESS, rule_id, rule.public_ip, "tcp", port))
+    return out
 
 
-def _vpn(lines: _Lines, rule_id: int, rule: RemoteAccessVpn, ifs: RouterInterfaces) -> None:
+def _vpn(rule_id: int, rule: RemoteAccessVpn, ifs: RouterInterfaces) -> list[Fragment]:
     ip = rule.public_ip
     ike = [
         spec(d=ip, p="udp", matches=["-m udp --dport 500"], rule_id=rule_id, target="ACCEPT"),
@@ -288,15 +275,40 @@ def _vpn(lines: _Lines, rule_id: int, rule: RemoteAccessVpn, ifs: RouterInterfac
         ),
     ]
     clients = f"-m iprange --src-range {rule.client_start}-{rule.range_end}"
-    for line in ike:
-        lines.add(FW_INGRESS, rule_id, line)
-        lines.add(INPUT, rule_id, line)
-    lines.add(INPUT, rule_id, spec(i="ppp+", matches=[clients], rule_id=rule_id, target="ACCEPT"))
-    lines.add(
-        FORWARD,
-        rule_id,
-        spec(i="ppp+", o=ifs.guest, matches=[clients], rule_id=rule_id, target="ACCEPT"),
-    )
+    return [
+        *((FW_INGRESS, line) for line in ike),
+        *((INPUT, line) for line in ike),
+        (INPUT, spec(i="ppp+", matches=[clients], rule_id=rule_id, target="ACCEPT")),
+        (FORWARD, spec(i="ppp+", o=ifs.guest, matches=[clients], rule_id=rule_id, target="ACCEPT")),
+    ]
+
+
+@lru_cache(maxsize=1 << 17)
+def rule_lines(
+    rule_id: int, rule: Rule, ifs: RouterInterfaces, egress_action: str
+) -> tuple[tuple[str, str], ...]:
+    """The (bucket chain, `-A` line) pairs one rule contributes. Memoized: re-rendering a bundle
+    whose rules were rendered before (the old and new bundle of a delta) costs lookups only."""
+    if isinstance(rule, FirewallIngressRule):
+        frags = _ingress(rule_id, rule)
+    elif isinstance(rule, FirewallEgressRule):
+        frags = _egress(rule_id, rule, egress_action)
+    elif isinstance(rule, PortForwardRule):
+        frags = _port_forward(rule_id, rule)
+    elif isinstance(rule, StaticNatRule):
+        frags = _static_nat(rule_id, rule, ifs)
+    elif isinstance(rule, LoadBalancerRule):
+        frags = _load_balancer(rule_id, rule)
+    elif isinstance(rule, RemoteAccessVpn):
+        frags = _vpn(rule_id, rule, ifs)
+    else:
+        # Source NAT is a line of the SNAT head chain; DHCP and DNS entries live in dnsmasq.
+        frags = []
+    out = []
+    for section, line_spec in frags:
+        chain = section.bucket(rule_id)
+        out.append((chain, f"-A {chain} {line_spec}"))
+    return tuple(out)
 
 
 def render_ruleset(bundle: RouterBundle, ifs: RouterInterfaces | None = None) -> Ruleset:
@@ -304,20 +316,10 @@ def render_ruleset(bundle: RouterBundle, ifs: RouterInterfaces | None = None) ->
     ifs = ifs or RouterInterfaces()
     net = bundle.network
     egress_action = "DROP" if bundle.default_egress_policy is EgressPolicy.ALLOW else "ACCEPT"
-    lines = _Lines()
-    for rid, ingress in bundle.rules_of(FirewallIngressRule):
-        _ingress(lines, rid, ingress)
-    for rid, egress in bundle.rules_of(FirewallEgressRule):
-        _egress(lines, rid, egress, egress_action)
-    for rid, forward in bundle.rules_of(PortForwardRule):
-        _port_forward(lines, rid, forward)
-    for rid, static in bundle.rules_of(StaticNatRule):
-        _static_nat(lines, rid, static, ifs)
-    for rid, lb in bundle.rules_of(LoadBalancerRule):
-        _load_balancer(lines, rid, lb)
-    for rid, vpn in bundle.rules_of(RemoteAccessVpn):
-        _vpn(lines, rid, vpn, ifs)
-    # DHCP and DNS entries live in dnsmasq's files, not in netfilter.
+    buckets: dict[str, list[str]] = defaultdict(list)
+    for entry in bundle.rules:
+        for chain, line in rule_lines(entry.id, entry.rule, ifs, egress_action):
+            buckets[chain].append(line)
     source_nat = [
         spec(s=net.cidr, o=ifs.public, rule_id=rid, target=f"SNAT --to-source {snat.public_ip}")
         for rid, snat in bundle.rules_of(SourceNatRule)
@@ -399,12 +401,10 @@ def render_ruleset(bundle: RouterBundle, ifs: RouterInterfaces | None = None) ->
     }
     for section in SECTIONS:
         before, after = heads[section]
-        buckets = lines.chains_of(section)
-        put(
-            section.table, section.head, None, [*before, *(spec(target=b) for b in buckets), *after]
-        )
-        for bucket in buckets:
-            put(section.table, bucket, None, lines.buckets[(section, bucket)])
+        own = sorted(n for n in buckets if n[:-2] == section.bucket_prefix)
+        put(section.table, section.head, None, [*before, *(spec(target=n) for n in own), *after])
+        for name in own:
+            chains[(section.table, name)] = Chain(section.table, name, None, tuple(buckets[name]))
     return Ruleset(chains)
 
 

@@ -94,7 +94,15 @@ class SecondaryStorageAgent:
 
         log.info("%s: download %s into %s", ctx.vm_name, request.url.redacted, request.slot.dest)
         return await self._transfer(
-            ctx, out, "download", request.slot, request.format, request.checksum, work
+            ctx,
+            out,
+            "download",
+            request.slot,
+            request.format,
+            request.checksum,
+            work,
+            total=None,
+            keep_part_on_cancel=True,
         )
 
     async def upload(self, ctx: CommandContext) -> int:
@@ -114,7 +122,15 @@ class SecondaryStorageAgent:
 
         log.info("%s: upload of %d bytes into %s", ctx.vm_name, request.size, request.slot.dest)
         return await self._transfer(
-            ctx, out, "upload", request.slot, request.format, request.checksum, work
+            ctx,
+            out,
+            "upload",
+            request.slot,
+            request.format,
+            request.checksum,
+            work,
+            total=request.size,
+            keep_part_on_cancel=False,
         )
 
     async def delete(self, ctx: CommandContext) -> int:
@@ -130,7 +146,10 @@ class SecondaryStorageAgent:
         except TransferFailed as exc:
             out.send(exc.event())
             return EXIT_FAILED
-        if not await self.transfers.stop(_key(root, slot)):
+        why = TransferFailed(
+            Reason.CANCELLED, f"{slot.dest} was deleted while it was being transferred"
+        )
+        if not await self.transfers.stop(_key(root, slot), why):
             out.send(
                 TransferFailed(Reason.BUSY, f"the transfer into {slot.dest} would not stop").event()
             )
@@ -199,8 +218,12 @@ class SecondaryStorageAgent:
         declared: ImageFormat,
         checksum: Checksum | None,
         work: Work,
+        *,
+        total: int | None,
+        keep_part_on_cancel: bool,
     ) -> int:
-        """Run `work` as this slot's transfer; it stops when the client goes away (part file kept)."""
+        """Run `work` as this slot's transfer; it stops when the client goes away (a download's
+        part file is kept for a resume). Progress lines flow from the start, at least every second."""
         try:
             root = self._root(ctx.vm_name)
             directory = slot_directory(root, slot)
@@ -213,7 +236,13 @@ class SecondaryStorageAgent:
         meter = ProgressMeter(out.send)
         key = _key(root, slot)
         entry = RunningTransfer(ctx.vm_name, kind, slot, meter)
-        if not await self.transfers.claim(key, entry):
+        superseded = TransferFailed(
+            Reason.SUPERSEDED,
+            f"a newer transfer into {slot.dest} took over"
+            + ("; the part file was kept" if keep_part_on_cancel else ""),
+            resumable=keep_part_on_cancel,
+        )
+        if not await self.transfers.claim(key, entry, superseded):
             out.send(
                 TransferFailed(
                     Reason.BUSY,
@@ -222,8 +251,14 @@ class SecondaryStorageAgent:
                 ).event()
             )
             return EXIT_FAILED
+        meter.begin(0, total)
         task = asyncio.create_task(
-            _run(TemplateWriter(directory, slot, declared, checksum), meter, work),
+            _run(
+                TemplateWriter(directory, slot, declared, checksum),
+                meter,
+                work,
+                keep_part_on_cancel=keep_part_on_cancel,
+            ),
             name=f"secstorage-{kind}-{slot.dest}",
         )
         entry.task = task
@@ -242,15 +277,9 @@ class SecondaryStorageAgent:
                 await asyncio.wait({task})
             self.transfers.release(key, entry)
         if task.cancelled():
-            if entry.superseded:
-                log.info("%s: %s into %s superseded", ctx.vm_name, kind, slot.dest)
-                out.send(
-                    TransferFailed(
-                        Reason.SUPERSEDED,
-                        f"a newer transfer into {slot.dest} took over; the part file was kept",
-                        resumable=True,
-                    ).event()
-                )
+            if entry.stopped_because is not None:
+                log.info("%s: %s into %s stopped", ctx.vm_name, kind, slot.dest)
+                out.send(entry.stopped_because.event())
             else:
                 log.info("%s: client of %s into %s went away", ctx.vm_name, kind, slot.dest)
             return EXIT_FAILED
@@ -267,7 +296,9 @@ class SecondaryStorageAgent:
         return EXIT_FAILED
 
 
-async def _run(writer: TemplateWriter, meter: ProgressMeter, work: Work) -> dict[str, object]:
+async def _run(
+    writer: TemplateWriter, meter: ProgressMeter, work: Work, *, keep_part_on_cancel: bool
+) -> dict[str, object]:
     """Open the writer, run `work`, and leave the part file only when a retry can resume from it."""
     await writer.open()
     try:
@@ -276,7 +307,7 @@ async def _run(writer: TemplateWriter, meter: ProgressMeter, work: Work) -> dict
         await writer.abandon(keep_part=exc.resumable)
         raise
     except asyncio.CancelledError:
-        await writer.abandon(keep_part=True)
+        await writer.abandon(keep_part=keep_part_on_cancel)
         raise
     except BaseException:
         await writer.abandon(keep_part=False)

@@ -24,6 +24,7 @@ class Reason(StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     BUSY = "busy"
     SUPERSEDED = "superseded"
+    CANCELLED = "cancelled"
     INTERNAL = "internal"
 
 

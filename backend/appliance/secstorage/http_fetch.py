@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 from backend.appliance.secstorage.address_policy import Destination, resolve
 from backend.appliance.secstorage.failure import Reason, TransferFailed
+from backend.appliance.secstorage.http_connection import ReceivingConnection
 from backend.appliance.secstorage.url import TemplateUrl, UrlError
 
 USER_AGENT = "sysvm-secstorage/1"
 READ_SIZE = 4 * 1024 * 1024
-STREAM_LIMIT = 4 * 1024 * 1024  # StreamReader buffer: big reads, few wake-ups
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 200
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
@@ -38,8 +38,7 @@ class Response:
     status: int
     reason: str
     headers: dict[str, str]
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    connection: ReceivingConnection
     idle_timeout: float
     received: int = field(default=0)
 
@@ -72,7 +71,7 @@ class Response:
         reason = "".join(c for c in self.reason if c.isprintable())[:80]
         return f"HTTP {self.status}{' ' + reason if reason else ''} from {self.url.where}"
 
-    async def body(self) -> AsyncIterator[bytes]:
+    async def body(self) -> AsyncIterator[memoryview]:
         """The body in chunks as they arrive; a body cut short raises TransferFailed (connection)."""
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
             async for chunk in self._chunked():
@@ -94,7 +93,7 @@ class Response:
                 remaining -= len(chunk)
             yield chunk
 
-    async def _chunked(self) -> AsyncIterator[bytes]:
+    async def _chunked(self) -> AsyncIterator[memoryview]:
         while True:
             line = await self._line()
             size_text = line.split(b";", 1)[0].strip()
@@ -119,10 +118,10 @@ class Response:
             if (await self._line()).strip():
                 raise self._malformed("a chunk not followed by CRLF")
 
-    async def _read(self, n: int) -> bytes:
+    async def _read(self, n: int) -> memoryview:
         try:
             async with asyncio.timeout(self.idle_timeout):
-                chunk = await self.reader.read(n)
+                chunk = await self.connection.read(n)
         except TimeoutError as exc:
             raise _idle(self.url, self.idle_timeout) from exc
         except (OSError, ssl.SSLError) as exc:
@@ -133,7 +132,7 @@ class Response:
     async def _line(self) -> bytes:
         try:
             async with asyncio.timeout(self.idle_timeout):
-                line = await self.reader.readline()
+                line = await self.connection.readline(MAX_HEADER_BYTES)
         except TimeoutError as exc:
             raise _idle(self.url, self.idle_timeout) from exc
         except ValueError as exc:
@@ -155,7 +154,7 @@ class Response:
 
     def close(self) -> None:
         """Drop the connection (never reused)."""
-        self.writer.transport.abort()
+        self.connection.abort()
 
 
 async def fetch(
@@ -223,7 +222,7 @@ async def _get_once(
     )
     if url.scheme == "https" and tls is None:
         tls = ssl.create_default_context()
-    reader, writer = await _connect(url, destinations, connect_timeout, tls)
+    connection = await _connect(url, destinations, connect_timeout, tls)
     try:
         lines = [
             f"GET {url.target} HTTP/1.1",
@@ -240,8 +239,8 @@ async def _get_once(
             lines.append(f"Range: bytes={offset}-")
             if if_range:
                 lines.append(f"If-Range: {if_range}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        response = Response(url, 0, "", {}, reader, writer, idle_timeout)
+        connection.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        response = Response(url, 0, "", {}, connection, idle_timeout)
         head = await response._line()
         match = _STATUS_LINE.fullmatch(head)
         if match is None:
@@ -266,7 +265,7 @@ async def _get_once(
             )
         raise response._malformed(f"more than {MAX_HEADERS} headers")
     except BaseException:
-        writer.transport.abort()
+        connection.abort()
         raise
 
 
@@ -275,7 +274,7 @@ async def _connect(
     destinations: list[Destination],
     timeout: float,
     tls: ssl.SSLContext | None,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+) -> ReceivingConnection:
     """Connect to the checked addresses in turn (TLS with the URL's host name); the first wins."""
     loop = asyncio.get_running_loop()
     errors: list[str] = []
@@ -285,13 +284,14 @@ async def _connect(
             sock.setblocking(False)
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, dest.sockaddr)
-                return await asyncio.open_connection(
+                _, connection = await loop.create_connection(
+                    ReceivingConnection,
                     sock=sock,
                     ssl=tls,
                     server_hostname=url.server_name if tls is not None else None,
                     ssl_handshake_timeout=timeout if tls is not None else None,
-                    limit=STREAM_LIMIT,
                 )
+                return connection
         except TimeoutError:
             sock.close()
             errors.append(f"{dest.address}: no answer within {timeout:g}s")

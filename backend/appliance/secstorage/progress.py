@@ -45,7 +45,7 @@ class ProgressMeter:
         """Record `done` bytes; emit when the last line is older than the interval."""
         now = self._clock()
         self.bytes = done
-        if now - self._samples[-1][0] >= _SAMPLE_SPACING:
+        if not self._samples or now - self._samples[-1][0] >= _SAMPLE_SPACING:
             self._samples.append((now, done))
         if now - self._last_emit >= self._interval:
             self._send(now)

@@ -32,7 +32,7 @@ from backend.appliance.secstorage.image_format import (
 from backend.appliance.secstorage.request import RequestError, TemplateSlot
 
 BLOCK_BYTES = 1024 * 1024  # hand data to the writer thread in blocks of about this size
-MAX_BLOCKS_IN_FLIGHT = 4
+MAX_BLOCKS_IN_FLIGHT = 3
 HASH_READ_BYTES = 8 * 1024 * 1024
 PROPERTIES = "template.properties"
 _IOV_MAX = 512
@@ -78,7 +78,7 @@ class TemplateWriter:
         self._hash: Any = new_hash(self.algorithm)
         self._head = bytearray()
         self._checked_head = False
-        self._batch: list[bytes] = []
+        self._batch: list[bytes | memoryview] = []
         self._batch_bytes = 0
         self._in_flight: deque[Future[None]] = deque()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"secstorage-{slot.name}")
@@ -119,7 +119,7 @@ class TemplateWriter:
             offset += n
         self.size = self.part_size
 
-    async def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes | memoryview) -> None:
         """Accept body bytes; they are hashed and written on the writer thread, in order."""
         if not chunk:
             return
@@ -150,7 +150,7 @@ class TemplateWriter:
 
     # loop side ------------------------------------------------------------
 
-    def _take_head(self, chunk: bytes) -> None:
+    def _take_head(self, chunk: bytes | memoryview) -> None:
         if len(self._head) < HEAD_BYTES:
             self._head += chunk[: HEAD_BYTES - len(self._head)]
             if len(self._head) >= HEAD_BYTES:
@@ -244,7 +244,7 @@ class TemplateWriter:
             os.lseek(self._fd, self.part_size, os.SEEK_SET)
         return chunk
 
-    def _write_blocks(self, blocks: list[bytes]) -> None:
+    def _write_blocks(self, blocks: list[bytes | memoryview]) -> None:
         for block in blocks:
             self._hash.update(block)
         views = deque(memoryview(b) for b in blocks)

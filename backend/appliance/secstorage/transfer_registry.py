@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from backend.appliance.secstorage.failure import TransferFailed
 from backend.appliance.secstorage.progress import ProgressMeter
 from backend.appliance.secstorage.request import TemplateSlot
 
@@ -24,7 +25,7 @@ class RunningTransfer:
     meter: ProgressMeter
     started_at: float = field(default_factory=time.time)
     task: asyncio.Task[dict[str, object]] | None = None
-    superseded: bool = False
+    stopped_because: TransferFailed | None = None  # told to its client when stopped from here
 
     def describe(self) -> dict[str, object]:
         return {
@@ -46,10 +47,10 @@ class TransferRegistry:
     def __init__(self) -> None:
         self._running: dict[SlotKey, RunningTransfer] = {}
 
-    async def claim(self, key: SlotKey, entry: RunningTransfer) -> bool:
-        """Make `entry` the slot's transfer, superseding a running one; False if it would not stop."""
+    async def claim(self, key: SlotKey, entry: RunningTransfer, why: TransferFailed) -> bool:
+        """Make `entry` the slot's transfer, stopping a running one (told `why`); False if it would not stop."""
         while (prior := self._running.get(key)) is not None:
-            prior.superseded = True
+            prior.stopped_because = why
             if not await self._stop(prior):
                 return False
             if self._running.get(key) is prior:
@@ -61,11 +62,13 @@ class TransferRegistry:
         if self._running.get(key) is entry:
             del self._running[key]
 
-    async def stop(self, key: SlotKey) -> bool:
-        """Stop the slot's transfer (if any) and wait for it to close its files; False if it would not stop."""
+    async def stop(self, key: SlotKey, why: TransferFailed) -> bool:
+        """Stop the slot's transfer (if any, telling it `why`) and wait for it to close its files;
+        False if it would not stop."""
         entry = self._running.get(key)
         if entry is None:
             return True
+        entry.stopped_because = why
         stopped = await self._stop(entry)
         if stopped:
             self.release(key, entry)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 21:33:01.336604
+Create Date: 2026-11-26 22:10:43.388135
 """
 
 from __future__ import annotations
@@ -261,6 +261,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("uuid", sa.String(length=36), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("disk_path", sa.Text(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
@@ -330,6 +331,23 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_system_vms_zone_id"), ["zone_id"], unique=False)
 
     op.create_table(
+        "template_copies",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("template_id", sa.Integer(), nullable=False),
+        sa.Column("host_id", sa.Integer(), nullable=False),
+        sa.Column("pool_name", sa.String(length=64), nullable=False),
+        sa.Column("volume", sa.String(length=255), nullable=False),
+        sa.Column("path", sa.Text(), nullable=False),
+        sa.Column("size", sa.Integer(), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["host_id"], ["hosts.id"], ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(["template_id"], ["templates.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("template_id", "host_id", name="one_copy_per_host"),
+    )
+    op.create_table(
         "nics",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("system_vm_id", sa.Integer(), nullable=True),
@@ -390,6 +408,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_nics_guest_vm_id"))
 
     op.drop_table("nics")
+    op.drop_table("template_copies")
     with op.batch_alter_table("system_vms", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_system_vms_zone_id"))
         batch_op.drop_index(batch_op.f("ix_system_vms_network_id"))
