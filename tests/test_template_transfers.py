@@ -248,3 +248,33 @@ async def test_first_start_from_a_template_records_the_copy_on_a_lab_host_and_sa
     with pytest.raises(InvalidInput) as err:
         await engine.guest_vm_deploy("zone1-net1", "web3", template="no-such-template")
     assert err.value.field == "template"
+
+
+async def test_eight_concurrent_transfers_all_arrive_intact(
+    make_engine: MakeEngine, origin: _Origin
+) -> None:
+    engine = await make_engine()
+    await converge_lab(engine, zones=1, hosts=1, networks=0, vms=0)
+    jobs = [
+        await engine.template_register("zone1", f"c{i}", url(origin), "RAW", SHA256)
+        for i in range(8)
+    ]
+    done = [await engine.wait_job(j.id, 120) for j in jobs]
+    assert [j.state for j in done] == ["succeeded"] * 8, [j.error for j in done]
+    states = {t["name"]: t["state"] for t in await engine.templates_list()}
+    assert all(states[f"c{i}"] == "DOWNLOADED" for i in range(8))
+
+
+async def test_declared_format_that_does_not_match_the_image_is_refused(
+    make_engine: MakeEngine, origin: _Origin
+) -> None:
+    engine = await make_engine()
+    await converge_lab(engine, zones=1, hosts=1, networks=0, vms=0)
+    job = await engine.wait_job(
+        (await engine.template_register("zone1", "liar", url(origin), "QCOW2")).id, 60
+    )
+    assert job.state == "failed"
+    t = await template(engine, "liar")
+    assert t["state"] == "DOWNLOAD_ERROR" and "QCOW2" in t["error"] and "RAW" in t["error"], t[
+        "error"
+    ]
