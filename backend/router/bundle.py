@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from backend.db.models import RuleType
 from backend.errors import InvalidInput
-from backend.router.conflicts import ClaimIndex
+from backend.router.conflicts import Claim, ClaimIndex
 from backend.router.field_checks import (
     FieldReader,
     check_cidr,
@@ -102,6 +102,11 @@ class BundleRule:
     @property
     def type(self) -> str:
         return self.rule.type.value
+
+    @cached_property
+    def claims(self) -> tuple[Claim, ...]:
+        """The rule's claims, computed once (a reused rule is re-indexed without recomputing)."""
+        return self.rule.claims()
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "fields": self.rule.to_fields()}
@@ -323,16 +328,17 @@ def _rules(
     out: dict[int, BundleRule] = {}
     pending: list[tuple[str, BundleRule]] = []
     for i, item in enumerate(items):
+        if previous and type(item) is dict:
+            before = previous.get(item.get("id"))  # type: ignore[arg-type]
+            if before is not None and before.raw == item and before.id not in out:
+                out[before.id] = before
+                index.record(f"{before.rule.type} rule {before.id}", before.claims)
+                continue
         path = join("rules", i)
         r = FieldReader(item, ("id", "type", "fields"), path=path)
         rule_id = check_int(r.name("id"), r.require("id"), 1, 2**63 - 1)
         if rule_id in out:
             raise InvalidInput(r.name("id"), f"rule id {rule_id} is used twice")
-        before = previous.get(rule_id)
-        if before is not None and before.raw == item:
-            out[rule_id] = before
-            index.record(f"{before.rule.type} rule {rule_id}", before.rule.claims())
-            continue
         try:
             rule = parse_rule_alone(r.require("type"), r.require("fields"), ctx)  # type: ignore[arg-type]
         except InvalidInput as exc:
@@ -341,7 +347,7 @@ def _rules(
         pending.append((path, out[rule_id]))
     for path, entry in pending:
         try:
-            index.add(f"{entry.rule.type} rule {entry.id}", entry.rule.claims())
+            index.add(f"{entry.rule.type} rule {entry.id}", entry.claims)
         except InvalidInput as exc:
             raise _in_rule(FieldReader({}, (), path=path), exc) from None
     return tuple(out[k] for k in sorted(out))

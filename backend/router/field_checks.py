@@ -23,6 +23,7 @@ E = TypeVar("E", bound=enum.StrEnum)
 # Longest identifier string looked at; longer ones are refused before any parsing.
 MAX_IDENTIFIER = 253
 _PRINTABLE = re.compile(r"[ -~]*")
+_VISIBLE = re.compile(r"[!-~]+")
 _HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _USERNAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -64,6 +65,8 @@ def check_text(field: str, value: object, *, max_len: int = MAX_IDENTIFIER) -> s
 
 def check_identifier(field: str, value: object, *, max_len: int = MAX_IDENTIFIER) -> str:
     """Like check_text, and also no whitespace: identifiers never contain spaces."""
+    if type(value) is str and len(value) <= max_len and _VISIBLE.fullmatch(value):
+        return value  # the common case, checked in one step
     text = check_text(field, value, max_len=max_len)
     if " " in text:
         raise InvalidInput(field, "must not contain spaces")
@@ -286,9 +289,8 @@ class FieldReader:
                 if not isinstance(key, str):
                     raise InvalidInput(path or "fields", "field names must be strings")
                 shown = check_field_name(key)
-                raise InvalidInput(
-                    join(path, shown), f"unknown field; expected one of {', '.join(allowed)}"
-                )
+                expected = ", ".join(sorted(allowed) if isinstance(allowed, frozenset) else allowed)
+                raise InvalidInput(join(path, shown), f"unknown field; expected one of {expected}")
         self._data = data
         self.path = path
 

@@ -209,13 +209,19 @@ def _cidrs(
     r: FieldReader, key: str, default: list[str], within: ipaddress.IPv4Network | None = None
 ) -> tuple[str, ...]:
     """A list of CIDRs, deduplicated and sorted; optionally each inside `within`."""
-    items = check_list(r.name(key), r.get(key, default), max_items=MAX_CIDRS, min_items=1)
+    name = r.name(key)
+    items = check_list(name, r.get(key, default), max_items=MAX_CIDRS, min_items=1)
     nets = set()
     for i, item in enumerate(items):
-        net = check_cidr(join(r.name(key), i), item)
+        try:
+            net = check_cidr(name, item)
+        except InvalidInput as exc:
+            raise InvalidInput(join(name, i), exc.reason) from None
         if within is not None and not net.subnet_of(within):
-            raise InvalidInput(join(r.name(key), i), f"{net} is not inside the network {within}")
+            raise InvalidInput(join(name, i), f"{net} is not inside the network {within}")
         nets.add(net)
+    if len(nets) == 1:
+        return (_net_text(next(iter(nets))),)
     return tuple(_net_text(n) for n in sorted(nets))
 
 
@@ -794,7 +800,7 @@ def parse_rule_alone(type: str, fields: object, ctx: NetworkContext) -> Rule:
     """Check one rule against the network, but not against the network's other rules."""
     rule_type = check_choice("type", type, RuleType)
     allowed, parser = _PARSERS[rule_type]
-    return parser(FieldReader(fields, allowed), ctx)
+    return parser(FieldReader(fields, _ALLOWED[rule_type]), ctx)
 
 
 def parse_rule(type: str, fields: object, ctx: NetworkContext) -> Rule:
@@ -805,3 +811,8 @@ def parse_rule(type: str, fields: object, ctx: NetworkContext) -> Rule:
     rule = parse_rule_alone(type, fields, ctx)
     ctx.claim_index.check(rule.claims())
     return rule
+
+
+# The fields each rule type accepts (forms and CLI flags are built from this).
+RULE_FIELDS: Mapping[RuleType, tuple[str, ...]] = {t: keys for t, (keys, _) in _PARSERS.items()}
+_ALLOWED = {t: frozenset(keys) for t, keys in RULE_FIELDS.items()}
