@@ -159,6 +159,31 @@ def _parser() -> argparse.ArgumentParser:
         tc.add_argument("--zone", required=True)
         tc.add_argument("--json", action="store_true")
 
+    rt = sub.add_parser("router", help="a network's router rules: show, add, delete, diff")
+    rsub = rt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, helptext in (
+        ("show", "the router's rules, version and digests"),
+        ("diff", "what the next apply would change"),
+    ):
+        rp = rsub.add_parser(name, help=helptext)
+        rp.add_argument("network", metavar="NET")
+        rp.add_argument("--json", action="store_true")
+    rr = rsub.add_parser("rule", help="add or delete a rule")
+    rrsub = rr.add_subparsers(dest="rule_action", required=True, metavar="ACTION")
+    ra = rrsub.add_parser(
+        "add",
+        help="add a rule: --type TYPE and its fields as --field value "
+        "(e.g. --public-ip 203.0.113.10 --public-port 8080 --private-ip 10.1.101.10 "
+        "--private-port 80 --protocol tcp); lists are comma-separated",
+    )
+    ra.add_argument("network", metavar="NET")
+    ra.add_argument("--type", required=True)
+    ra.add_argument("--json", action="store_true")
+    rd = rrsub.add_parser("delete", help="delete a rule by id")
+    rd.add_argument("network", metavar="NET")
+    rd.add_argument("rule_id", type=int, metavar="RULE_ID")
+    rd.add_argument("--json", action="store_true")
+
     net = sub.add_parser("network", help="guest networks")
     nsub = net.add_subparsers(dest="action", required=True, metavar="ACTION")
     nr = nsub.add_parser("restart", help="restart the network's router")
@@ -196,6 +221,36 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--follow", "-f", action="store_true")
     ev.add_argument("--json", action="store_true")
     return p
+
+
+LIST_FIELDS = {"source_cidrs", "dest_cidrs", "members"}
+
+
+def _rule_fields(pairs: list[str]) -> dict[str, Any]:
+    """`--public-port 8080 --source-cidrs a,b` -> {"public_port": 8080, "source_cidrs": [a, b]}.
+    Values are data for the rule validator, never text for a shell."""
+    fields: dict[str, Any] = {}
+    i = 0
+    while i < len(pairs):
+        flag = pairs[i]
+        if not flag.startswith("--") or i + 1 >= len(pairs):
+            raise SysvmError(f"rule fields go as --name value pairs; {flag!r} has no value")
+        key, value = flag[2:].replace("-", "_"), pairs[i + 1]
+        parsed: Any = value
+        if value[:1] in "[{":
+            try:
+                parsed = json.loads(value)
+            except ValueError as exc:
+                raise SysvmError(f"--{flag[2:]}: not valid JSON: {exc}") from None
+        elif key in LIST_FIELDS:
+            parsed = [v for v in value.split(",") if v]
+        elif value.isascii() and value.isdigit() and len(value) < 10:
+            parsed = int(value)
+        elif value in ("true", "false"):
+            parsed = value == "true"
+        fields[key] = parsed
+        i += 2
+    return fields
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -477,6 +532,46 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
         tpl = next(t for t in await api.templates_list(zone=args.zone) if t["name"] == args.name)
         _print_json(tpl) if args.json else _print_template(tpl)
         return 0 if tpl["state"] in ("DOWNLOADED", "UPLOADED") else EXIT_ERROR
+    if cmd == "router":
+        if args.action == "show":
+            shown = await api.router_show(args.network)
+            if args.json:
+                _print_json(shown)
+            else:
+                drift = "DRIFT" if shown["drift"] else "in sync"
+                pending = ", changes pending apply" if shown["pending"] else ""
+                print(
+                    f"{shown['network']}: router {shown['router'] or '-'} ({shown['router_state'] or '-'}), "
+                    f"public {shown['public_ip'] or '-'}, version {shown['version']}, {drift}{pending}"
+                )
+                for r in shown["rules"]:
+                    fields = " ".join(f"{k}={v}" for k, v in r.items() if k not in ("id", "type"))
+                    print(f"  {r['id']:>5} {r['type']:<18} {fields}")
+            return 0
+        if args.action == "diff":
+            d = await api.router_diff(args.network)
+            if args.json:
+                _print_json(d)
+            else:
+                for key, sign in (("added", "+"), ("removed", "-"), ("changed", "~")):
+                    for r in d[key]:
+                        print(
+                            f"{sign} {r['id']:>5} {r['type']:<18} {json.dumps(r['fields'], sort_keys=True)}"
+                        )
+                if not d["pending"]:
+                    print("no changes since the last apply")
+            return 0
+        if args.rule_action == "add":
+            added = await api.router_rule_add(
+                args.network, args.type, _rule_fields(args.rule_fields)
+            )
+            _print_json(added) if args.json else print(
+                f"rule {added['id']} added (apply to make it live)"
+            )
+        else:
+            await api.router_rule_delete(args.network, args.rule_id)
+            print(f"rule {args.rule_id} deleted (apply to make it live)")
+        return 0
     if cmd == "network":
         job = await api.network_restart(args.name, cleanup=args.cleanup)
         return await _job_outcome(api, job, args)
@@ -542,7 +637,11 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if getattr(args, "rule_action", None) == "add":
+        args.rule_fields = extra
+    elif extra:
+        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         config = _config(args)
         if args.command == "engine" and args.action == "serve":

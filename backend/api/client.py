@@ -220,6 +220,20 @@ class RemoteEngine:
         job: JobInfo = await self.call("template_delete", zone=zone, name=name)
         return job
 
+    async def router_show(self, network: str) -> dict[str, Any]:
+        return dict(await self.call("router_show", network=network))
+
+    async def router_diff(self, network: str) -> dict[str, Any]:
+        return dict(await self.call("router_diff", network=network))
+
+    async def router_rule_add(
+        self, network: str, type: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        return dict(await self.call("router_rule_add", network=network, type=type, fields=fields))
+
+    async def router_rule_delete(self, network: str, rule_id: int) -> dict[str, Any]:
+        return dict(await self.call("router_rule_delete", network=network, rule_id=rule_id))
+
     async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:
         return dict(await self.call("host_add", zone=zone, name=name, uri=uri))
 

@@ -26,6 +26,8 @@ MUTATING = frozenset(
         "template_register",
         "template_upload",
         "template_delete",
+        "router_rule_add",
+        "router_rule_delete",
         "host_add",
         "lab_crash",
         "lab_host",
@@ -142,6 +144,27 @@ class EngineAPI(Protocol):
 
     async def template_delete(self, zone: str, name: str) -> JobInfo:
         """Start a job removing a template's files (through the zone's SSVM) and its record."""
+        ...
+
+    async def router_show(self, network: str) -> dict[str, Any]:
+        """The network's router config: {network, router, router_state, public_ip, version,
+        digest, live_digest, drift, pending, rules: [{id, type, ...fields}]}."""
+        ...
+
+    async def router_diff(self, network: str) -> dict[str, Any]:
+        """What applying would change since the last applied version: added, removed, changed."""
+        ...
+
+    async def router_rule_add(
+        self, network: str, type: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Validate and store a rule (firewall-ingress, firewall-egress, port-forward, static-nat,
+        source-nat, load-balancer, dhcp-entry, dns-entry, remote-access-vpn); InvalidInput names
+        the field (dotted path). It takes effect with the next apply."""
+        ...
+
+    async def router_rule_delete(self, network: str, rule_id: int) -> dict[str, Any]:
+        """Remove a rule; it takes effect with the next apply."""
         ...
 
     async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:

@@ -298,6 +298,14 @@ class GuestNetwork(Timestamped, Base):
     state: Mapped[str] = mapped_column(String(16), default=NetworkState.ALLOCATED.value)
     # Last time a guest VM of this network was seen running (router idle shutdown).
     last_active_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    default_egress: Mapped[str] = mapped_column(String(8), default="allow")
+    # The router bundle last applied (and confirmed): its version, digest and JSON, and the
+    # digest the router reported of what is live when last asked.
+    router_version: Mapped[int] = mapped_column(Integer, default=0)
+    router_digest: Mapped[str] = mapped_column(String(64), default="")
+    router_bundle: Mapped[str] = mapped_column(Text, default="")
+    router_live_digest: Mapped[str] = mapped_column(String(64), default="")
+    router_expected_live: Mapped[str] = mapped_column(String(64), default="")
     __table_args__ = (
         CheckConstraint(f"state IN ({_enum_values(NetworkState)})", name="network_state"),
     )

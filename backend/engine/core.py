@@ -43,6 +43,7 @@ from backend.orchestration.host_monitor import HostMonitor
 from backend.orchestration.reconciler import Reconciler
 from backend.services.guest_vms import GuestVMService
 from backend.services.names import check_name
+from backend.services.routers import RouterService
 from backend.services.status import status_tree, system_vm_details
 from backend.services.system_vms import SystemVMService
 from backend.storage.primary import PrimaryStorageCopies
@@ -78,6 +79,7 @@ class Engine:
         self.guest_vms = GuestVMService(self)
         self.lab = LabCloud(self)
         self.templates = TemplateTransfers(self)
+        self.routers = RouterService(self)
         self.primary = PrimaryStorageCopies(self)
         self.reconciler = Reconciler(self)
         self.host_monitor = HostMonitor(self)
@@ -540,6 +542,24 @@ class Engine:
             target_id=template_id,
             target_name=name,
         )
+
+    async def router_show(self, network: str) -> dict[str, Any]:
+        self._live()
+        return await self.routers.show(network)
+
+    async def router_diff(self, network: str) -> dict[str, Any]:
+        self._live()
+        return await self.routers.diff(network)
+
+    async def router_rule_add(
+        self, network: str, type: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        self._writable(f"add a rule to {network}")
+        return await self.routers.add_rule(network, type, fields)
+
+    async def router_rule_delete(self, network: str, rule_id: int) -> dict[str, Any]:
+        self._writable(f"delete rule {rule_id} of {network}")
+        return await self.routers.delete_rule(network, rule_id)
 
     async def host_add(self, zone: str, name: str, uri: str) -> dict[str, Any]:
         """Add a libvirt host to a zone; it must answer before anything is stored."""

@@ -1,11 +1,13 @@
 """The secstorage agent's fixed SSH commands: download, upload, delete and status.
 
-Protocol (one JSON object per stdout line):
-  download  stdin: one JSON request; stdout: progress lines, then one `done` or `error` line.
-  upload    stdin: one JSON header line, then exactly `size` raw bytes; stdout as for download.
-  delete    stdin: {"dest", "name"?}; stdout: one `deleted` or `error` line.
-  status    stdout: one `status` line (free bytes of the store, running transfers).
-Exit status: 0 success, 1 the transfer failed (the error line says why), 2 the request is invalid.
+Every stdout line is one JSON object. Exit status: 0 done, 1 the transfer failed (the last line
+is an `error` line saying why), 2 the request was refused before anything was touched.
+  download  stdin: one JSON request, then EOF.   upload  stdin: one JSON header line, then
+            exactly `size` raw bytes.  Both answer `progress` lines (the first at once, then
+            at most every 0.25 s while bytes flow and at least every 1 s), then `done` or `error`.
+  delete    stdin: {"dest", "name"?}: stops a transfer into the slot, removes the slot directory.
+  status    one `status` line: the store's free bytes and this SSVM's running transfers.
+A download stops when its client closes the session; its part file stays for a Range resume.
 """
 
 from __future__ import annotations
@@ -138,8 +140,7 @@ class SecondaryStorageAgent:
         out = _Lines(ctx)
         try:
             slot = parse_slot(await _read_request(ctx))
-            root = self._root(ctx.vm_name)
-            directory = slot_directory(root, slot)
+            root, directory = await self._locate(ctx.vm_name, slot)
         except RequestError as exc:
             out.send(exc.event())
             return EXIT_BAD_REQUEST
@@ -176,7 +177,7 @@ class SecondaryStorageAgent:
         total: int | None = None
         problem: str | None = None
         try:
-            root = self._root(ctx.vm_name)
+            root = await self._root(ctx.vm_name)
             st = await asyncio.to_thread(os.statvfs, root)
             free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         except TransferFailed as exc:
@@ -195,14 +196,19 @@ class SecondaryStorageAgent:
         )
         return EXIT_OK
 
-    def _root(self, vm_name: str) -> Path:
+    async def _locate(self, vm_name: str, slot: TemplateSlot) -> tuple[Path, Path]:
+        """The VM's store root and the slot's directory in it (checked off the loop: NFS may hang)."""
+        root = await self._root(vm_name)
+        return root, await asyncio.to_thread(slot_directory, root, slot)
+
+    async def _root(self, vm_name: str) -> Path:
         try:
             root = Path(self._store_root_of(vm_name))
         except Exception as exc:
             raise TransferFailed(
                 Reason.STORE_UNAVAILABLE, f"{vm_name} has no image store: {exc}"
             ) from exc
-        if not root.is_dir():
+        if not await asyncio.to_thread(root.is_dir):
             raise TransferFailed(
                 Reason.STORE_UNAVAILABLE,
                 f"the image store of {vm_name} is not mounted (no directory {root})",
@@ -225,8 +231,7 @@ class SecondaryStorageAgent:
         """Run `work` as this slot's transfer; it stops when the client goes away (a download's
         part file is kept for a resume). Progress lines flow from the start, at least every second."""
         try:
-            root = self._root(ctx.vm_name)
-            directory = slot_directory(root, slot)
+            root, directory = await self._locate(ctx.vm_name, slot)
         except RequestError as exc:
             out.send(exc.event())
             return EXIT_BAD_REQUEST

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ssl
 
@@ -22,9 +23,10 @@ def url_identity(request: DownloadRequest) -> str:
 def _validator(response: Response) -> str | None:
     """A strong ETag, else Last-Modified: sent as If-Range so a changed file is not stitched."""
     etag = response.headers.get("etag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return response.headers.get("last-modified")
+    value = etag if etag and not etag.startswith("W/") else response.headers.get("last-modified")
+    if value and len(value) <= 256 and value.isprintable():
+        return value
+    return None
 
 
 async def download(
@@ -79,13 +81,20 @@ async def download(
                 continue
             else:
                 raise TransferFailed(Reason.HTTP_STATUS, response.status_text())
-            _check_room(request, writer, offset, total)
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise TransferFailed(
+                    Reason.HTTP_STATUS,
+                    f"{response.url.where} compressed the body (Content-Encoding: "
+                    f"{encoding[:40]}) although it was asked not to",
+                )
+            await _check_room(request, response, writer, offset, total)
             meter.begin(offset, total)
             async for chunk in response.body():
                 if writer.size + len(chunk) > request.max_bytes:
                     raise TransferFailed(
                         Reason.TOO_LARGE,
-                        f"{request.url.where} sent more than the {request.max_bytes} bytes "
+                        f"{response.url.where} sent more than the {request.max_bytes} bytes "
                         f"a template may have",
                     )
                 await writer.write(chunk)
@@ -93,7 +102,7 @@ async def download(
             if total is not None and writer.size != total:
                 raise TransferFailed(
                     Reason.CONNECTION,
-                    f"{request.url.where} ended the body at {writer.size} of {total} bytes",
+                    f"{response.url.where} ended the body at {writer.size} of {total} bytes",
                     resumable=True,
                 )
             meter.update(writer.size)
@@ -106,18 +115,22 @@ async def download(
     )
 
 
-def _check_room(
-    request: DownloadRequest, writer: TemplateWriter, offset: int, total: int | None
+async def _check_room(
+    request: DownloadRequest,
+    response: Response,
+    writer: TemplateWriter,
+    offset: int,
+    total: int | None,
 ) -> None:
     if total is None:
         return
     if total > request.max_bytes:
         raise TransferFailed(
             Reason.TOO_LARGE,
-            f"{request.url.where} announces {total} bytes; templates may have at most "
+            f"{response.url.where} announces {total} bytes; templates may have at most "
             f"{request.max_bytes}",
         )
-    free = free_bytes(writer.directory)
+    free = await asyncio.to_thread(free_bytes, writer.directory)
     if total - offset > free:
         raise TransferFailed(
             Reason.DISK_FULL,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-BLOCK_BYTES = 1024 * 1024
+BLOCK_BYTES = 512 * 1024
 MIN_FREE = 64 * 1024  # start a fresh block rather than receive into a small tail
-PAUSE_ABOVE = 4 * 1024 * 1024  # stop reading from the socket above this much unread data
-RESUME_BELOW = 1024 * 1024
+PAUSE_ABOVE = 2 * 1024 * 1024  # stop reading from the socket above this much unread data
+RESUME_BELOW = 512 * 1024
 
 
 class ReceivingConnection(asyncio.BufferedProtocol):

@@ -9,6 +9,7 @@ hundreds of MB/s without a dependency. One request per connection (`Connection: 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import socket
 import ssl
@@ -24,6 +25,7 @@ USER_AGENT = "sysvm-secstorage/1"
 READ_SIZE = 4 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 200
+MAX_INTERIM_RESPONSES = 5
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: ([^\r\n]*))?\r?\n")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -220,9 +222,8 @@ async def _get_once(
     destinations = await resolve(
         url.server_name, url.port, allow_local=allow_local, timeout=connect_timeout
     )
-    if url.scheme == "https" and tls is None:
-        tls = ssl.create_default_context()
-    connection = await _connect(url, destinations, connect_timeout, tls)
+    context = (tls or _default_tls()) if url.scheme == "https" else None
+    connection = await _connect(url, destinations, connect_timeout, context)
     try:
         lines = [
             f"GET {url.target} HTTP/1.1",
@@ -241,32 +242,42 @@ async def _get_once(
                 lines.append(f"If-Range: {if_range}")
         connection.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         response = Response(url, 0, "", {}, connection, idle_timeout)
-        head = await response._line()
-        match = _STATUS_LINE.fullmatch(head)
-        if match is None:
-            raise response._malformed("something that is not an HTTP/1.x response")
-        response.status = int(match.group(1))
-        response.reason = (match.group(2) or b"").decode("latin-1")
-        size = len(head)
-        for _ in range(MAX_HEADERS + 1):
-            line = await response._line()
-            size += len(line)
-            if size > MAX_HEADER_BYTES:
-                raise response._malformed(f"more than {MAX_HEADER_BYTES} bytes of headers")
-            if line in (b"\r\n", b"\n"):
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            await _read_head(response)
+            if not 100 <= response.status < 200:  # skip 100 Continue, 103 Early Hints
                 return response
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep or not name or name != name.strip() or name[0] in " \t":
-                raise response._malformed("a malformed header line")
-            key = name.lower()
-            value = value.strip()
-            response.headers[key] = (
-                f"{response.headers[key]}, {value}" if key in response.headers else value
-            )
-        raise response._malformed(f"more than {MAX_HEADERS} headers")
+            response.headers = {}
+        raise response._malformed(f"more than {MAX_INTERIM_RESPONSES} interim (1xx) responses")
     except BaseException:
         connection.abort()
         raise
+
+
+async def _read_head(response: Response) -> None:
+    """Read a status line and headers into `response`."""
+    head = await response._line()
+    match = _STATUS_LINE.fullmatch(head)
+    if match is None:
+        raise response._malformed("something that is not an HTTP/1.x response")
+    response.status = int(match.group(1))
+    response.reason = (match.group(2) or b"").decode("latin-1")
+    size = len(head)
+    for _ in range(MAX_HEADERS + 1):
+        line = await response._line()
+        size += len(line)
+        if size > MAX_HEADER_BYTES:
+            raise response._malformed(f"more than {MAX_HEADER_BYTES} bytes of headers")
+        if line in (b"\r\n", b"\n"):
+            return
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep or not name or name != name.strip() or name[0] in " \t":
+            raise response._malformed("a malformed header line")
+        key = name.lower()
+        value = value.strip()
+        response.headers[key] = (
+            f"{response.headers[key]}, {value}" if key in response.headers else value
+        )
+    raise response._malformed(f"more than {MAX_HEADERS} headers")
 
 
 async def _connect(
@@ -316,6 +327,12 @@ async def _connect(
     raise TransferFailed(
         Reason.CONNECTION, f"cannot connect to {url.where}: {'; '.join(errors)}", resumable=True
     )
+
+
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    """The system's trust store, loaded once (loading it takes tens of milliseconds)."""
+    return ssl.create_default_context()
 
 
 def _idle(url: TemplateUrl, idle_timeout: float) -> TransferFailed:

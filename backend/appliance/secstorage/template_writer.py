@@ -31,7 +31,7 @@ from backend.appliance.secstorage.image_format import (
 )
 from backend.appliance.secstorage.request import RequestError, TemplateSlot
 
-BLOCK_BYTES = 1024 * 1024  # hand data to the writer thread in blocks of about this size
+BLOCK_BYTES = 512 * 1024  # hand data to the writer thread in blocks of about this size
 MAX_BLOCKS_IN_FLIGHT = 3
 HASH_READ_BYTES = 8 * 1024 * 1024
 PROPERTIES = "template.properties"

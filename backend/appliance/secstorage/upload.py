@@ -24,7 +24,7 @@ async def upload(
 ) -> dict[str, object]:
     """Read exactly `request.size` bytes with `read`, verify and publish; returns the `done` line."""
     await writer.restart()  # an upload always starts over
-    free = free_bytes(writer.directory)
+    free = await asyncio.to_thread(free_bytes, writer.directory)
     if request.size > free:
         raise TransferFailed(
             Reason.DISK_FULL,

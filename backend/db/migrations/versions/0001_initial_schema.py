@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 22:10:43.388135
+Create Date: 2026-11-26 22:21:46.598669
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def upgrade() -> None:
         sa.Column("source_nat_ip", sa.String(length=64), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("last_active_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("default_egress", sa.String(length=8), nullable=False),
+        sa.Column("router_version", sa.Integer(), nullable=False),
+        sa.Column("router_digest", sa.String(length=64), nullable=False),
+        sa.Column("router_bundle", sa.Text(), nullable=False),
+        sa.Column("router_live_digest", sa.String(length=64), nullable=False),
+        sa.Column("router_expected_live", sa.String(length=64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(

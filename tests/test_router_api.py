@@ -1,0 +1,139 @@
+"""Router rules through the engine API and the CLI: validated, stored normalized, nothing stored
+on bad input, conflicts refused, diff and show as documented."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from backend.engine.core import Engine
+from backend.errors import InvalidInput, NotFound
+from tests.conftest import converge_lab, run_cli
+
+PF = {
+    "public_ip": "203.0.113.10",
+    "public_port": 8080,
+    "private_ip": "10.1.101.10",
+    "private_port": 80,
+    "protocol": "tcp",
+}
+HOSTILE = [
+    "1; rm -rf /",
+    "$(reboot)",
+    "`id`",
+    "80\n-A INPUT -j ACCEPT",
+    "a\x00b",
+    "９９",  # fullwidth digits
+    "2０3.0.113.10",
+    "10.1.101.1О",  # Cyrillic O
+    "x" * 5000,
+    99999999999999999999,
+    -1,
+    True,
+    1.5,
+    None,
+    ["80"],
+]
+
+
+@pytest.fixture
+async def net_engine(make_engine: Any) -> Engine:
+    engine: Engine = await make_engine()
+    await converge_lab(engine, zones=1, hosts=1, networks=1, vms=2)
+    return engine
+
+
+async def test_rule_is_stored_normalized_and_shown_with_pending_changes(net_engine: Engine) -> None:
+    added = await net_engine.router_rule_add("zone1-net1", "port-forward", PF)
+    assert added["public_start_port"] == added["public_end_port"] == 8080
+    shown = await net_engine.router_show("zone1-net1")
+    assert {
+        "network",
+        "router",
+        "public_ip",
+        "version",
+        "digest",
+        "live_digest",
+        "drift",
+        "rules",
+    } <= set(shown)
+    assert (
+        shown["public_ip"] == "203.0.113.10"
+        and shown["pending"] is True
+        and shown["drift"] is False
+    )
+    assert [(r["id"], r["type"]) for r in shown["rules"]] == [(added["id"], "port-forward")]
+    diff = await net_engine.router_diff("zone1-net1")
+    assert [r["id"] for r in diff["added"]] == [added["id"]] and not diff["removed"]
+
+
+async def test_overlapping_port_forward_is_refused_and_nothing_is_stored(
+    net_engine: Engine,
+) -> None:
+    await net_engine.router_rule_add("zone1-net1", "port-forward", PF)
+    with pytest.raises(InvalidInput) as err:
+        await net_engine.router_rule_add(
+            "zone1-net1", "port-forward", PF | {"private_ip": "10.1.101.11"}
+        )
+    assert err.value.field == "public_start_port" and "conflicts" in err.value.reason
+    assert len((await net_engine.router_show("zone1-net1"))["rules"]) == 1
+
+
+async def test_private_ip_outside_the_network_and_foreign_public_ip_are_refused(
+    net_engine: Engine,
+) -> None:
+    for change, field in (
+        ({"private_ip": "192.0.2.10"}, "private_ip"),
+        ({"public_ip": "198.51.100.77"}, "public_ip"),
+        ({"public_port": 0}, "public_port"),
+    ):
+        with pytest.raises(InvalidInput) as err:
+            await net_engine.router_rule_add("zone1-net1", "port-forward", PF | change)
+        assert err.value.field.startswith(field.split("_port")[0]), (change, err.value.field)
+    assert (await net_engine.router_show("zone1-net1"))["rules"] == []
+
+
+@pytest.mark.parametrize("field", sorted(PF))
+async def test_hostile_values_in_every_field_get_a_clear_error_and_store_nothing(
+    net_engine: Engine, field: str
+) -> None:
+    for value in HOSTILE:
+        with pytest.raises(InvalidInput) as err:
+            await net_engine.router_rule_add("zone1-net1", "port-forward", PF | {field: value})
+        assert err.value.field.split(".")[0].split("[")[0] in (
+            field,
+            field.replace("_port", "_start_port"),
+        )
+        assert "\n" not in str(err.value)
+    assert (await net_engine.router_show("zone1-net1"))["rules"] == []
+
+
+async def test_delete_and_unknown_network(net_engine: Engine) -> None:
+    rule = await net_engine.router_rule_add("zone1-net1", "port-forward", PF)
+    await net_engine.router_rule_delete("zone1-net1", rule["id"])
+    assert (await net_engine.router_show("zone1-net1"))["rules"] == []
+    with pytest.raises(NotFound):
+        await net_engine.router_rule_delete("zone1-net1", rule["id"])
+    with pytest.raises(NotFound):
+        await net_engine.router_show("no-such-net")
+
+
+def test_cli_rule_add_with_shell_metacharacters_is_one_clear_error(home: Any) -> None:
+    assert run_cli("lab", "up", "--zones", "1", "--networks", "1", "--vms", "1").returncode == 0
+    out = run_cli(
+        "router", "rule", "add", "zone1-net1", "--type", "port-forward",
+        "--public-ip", "203.0.113.10", "--public-port", "8080; reboot",
+        "--private-ip", "10.1.101.10", "--private-port", "80", "--protocol", "tcp",
+    )  # fmt: skip
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "public_port" in out.stderr
+    ok = run_cli(
+        "router", "rule", "add", "zone1-net1", "--type", "port-forward", "--json",
+        "--public-ip", "203.0.113.10", "--public-port", "8080",
+        "--private-ip", "10.1.101.10", "--private-port", "80", "--protocol", "tcp",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    shown = json.loads(run_cli("router", "show", "zone1-net1", "--json").stdout)
+    assert [r["public_start_port"] for r in shown["rules"]] == [8080]
+    run_cli("engine", "stop")
