@@ -168,6 +168,20 @@ def _parser() -> argparse.ArgumentParser:
         rp = rsub.add_parser(name, help=helptext)
         rp.add_argument("network", metavar="NET")
         rp.add_argument("--json", action="store_true")
+    rap = rsub.add_parser("apply", help="push the rules to the router (commit-confirmed)")
+    rap.add_argument("network", metavar="NET")
+    rap.add_argument(
+        "--confirm-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds the router waits for the engine's confirm before rolling back (0: none)",
+    )
+    rap.add_argument("--wait", action="store_true")
+    rap.add_argument("--json", action="store_true")
+    rc = rsub.add_parser("check", help="read back what is live on the router and report drift")
+    rc.add_argument("network", metavar="NET")
+    rc.add_argument("--json", action="store_true")
     rr = rsub.add_parser("rule", help="add or delete a rule")
     rrsub = rr.add_subparsers(dest="rule_action", required=True, metavar="ACTION")
     ra = rrsub.add_parser(
@@ -548,6 +562,17 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
                     fields = " ".join(f"{k}={v}" for k, v in r.items() if k not in ("id", "type"))
                     print(f"  {r['id']:>5} {r['type']:<18} {fields}")
             return 0
+        if args.action == "apply":
+            job = await api.router_apply(args.network, confirm_timeout=args.confirm_timeout)
+            return await _job_outcome(api, job, args)
+        if args.action == "check":
+            c = await api.router_check(args.network)
+            if args.json:
+                _print_json(c)
+            else:
+                state = "DRIFT: live differs from what was applied" if c["drift"] else "in sync"
+                print(f"{c['network']}: {c['router']} version {c['live_version']} live, {state}")
+            return 1 if c["drift"] else 0
         if args.action == "diff":
             d = await api.router_diff(args.network)
             if args.json:

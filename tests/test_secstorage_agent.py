@@ -36,7 +36,7 @@ from backend.appliance.secstorage.checksum import (
     parse_checksum,
 )
 from backend.appliance.secstorage.url import UrlError, parse_url
-from backend.errors import TransportTimeout
+from backend.errors import TransportError, TransportTimeout
 from backend.transport.ssh import (
     CommandFailed,
     SystemVMTransport,
@@ -68,6 +68,9 @@ class Route:
     chunked: bool = False
     content_length: int | None = None  # announce this instead of len(data)
     basic_auth: str | None = None  # "user:password" the route requires
+    pace: float | None = None  # sleep this long after every 64 KiB
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers
+    early_hints: bool = False  # send a 103 interim response first
     served: int = 0
 
 
@@ -121,7 +124,9 @@ class TemplateServer:
         if tls is not None:
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def url(self, path: str, host: str = "127.0.0.1", scheme: str = "http") -> str:
@@ -153,7 +158,9 @@ class TemplateServer:
             self._slow(h, route.slow_total)
             return
         data = route.data
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = dict(route.headers)
+        if route.early_hints:
+            h.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
         if route.etag:
             headers["ETag"] = route.etag
         start = 0
@@ -191,6 +198,12 @@ class TemplateServer:
             h.wfile.write(body[: route.stall_at])
             h.wfile.flush()
             self.stop.wait(30)
+            return
+        if route.pace is not None:
+            for i in range(0, len(body), 65536):
+                h.wfile.write(body[i : i + 65536])
+                if self.stop.wait(route.pace):
+                    return
             return
         h.wfile.write(body)
 
@@ -269,6 +282,7 @@ class Lab:
     host_public: str
     port: int
     store: Path
+    host_private: str = ""
 
     def stream(
         self, verb: str, stdin: bytes | str | AsyncIterator[bytes] | None = None, **kw: Any
@@ -310,7 +324,7 @@ async def lab(engine_key: Path, tmp_path: Path) -> AsyncIterator[Lab]:
     host_private, host_public = new_host_key()
     port = await endpoints.start(VM, host_private, boot_args={"type": "secstorage"})
     transport = SystemVMTransport(load_client_key(engine_key))
-    yield Lab(endpoints, transport, host_public, port, store)
+    yield Lab(endpoints, transport, host_public, port, store, host_private)
     await transport.close()
     await endpoints.stop_all()
 
@@ -388,7 +402,7 @@ async def test_qcow2_made_by_qemu_img_is_downloaded_verified_and_described(
         "format": "QCOW2",
         "checksum": sha256(images.qcow2),
     }
-    assert out.progress and out.progress[0]["total"] == len(images.qcow2)
+    assert out.progress and out.progress[-1]["total"] == len(images.qcow2)
     assert all(set(p) == {"event", "bytes", "total", "rate"} for p in out.progress)
     assert (lab.store / DEST / f"{NAME}.qcow2").read_bytes() == images.qcow2
     assert slot_files(lab) == [f"{NAME}.qcow2", "template.properties"]
@@ -456,6 +470,26 @@ async def test_chunked_body_is_decoded(lab: Lab, server: TemplateServer, images:
     assert (lab.store / DEST / f"{NAME}.raw").read_bytes() == images.raw
 
 
+async def test_interim_103_response_is_skipped(
+    lab: Lab, server: TemplateServer, images: Images
+) -> None:
+    server.routes["/hinted.raw"] = Route(images.raw, early_hints=True)
+
+    out = await download(lab, server.url("/hinted.raw"), checksum=sha256(images.raw))
+
+    assert out.exit_status == 0, out
+
+
+async def test_compressed_transfer_encoding_is_refused(
+    lab: Lab, server: TemplateServer, images: Images
+) -> None:
+    server.routes["/gz"] = Route(images.raw, headers={"Content-Encoding": "gzip"})
+
+    out = await download(lab, server.url("/gz"))
+
+    assert "Content-Encoding: gzip" in assert_failed(out, "http_status")["message"]
+
+
 async def test_redirect_chain_of_5_is_followed(
     lab: Lab, server: TemplateServer, images: Images
 ) -> None:
@@ -467,6 +501,23 @@ async def test_redirect_chain_of_5_is_followed(
     out = await download(lab, server.url("/hop4"), checksum=sha256(images.raw))
 
     assert out.exit_status == 0, out
+
+
+async def test_8_concurrent_downloads_into_8_slots(
+    lab: Lab, server: TemplateServer, images: Images
+) -> None:
+    server.routes["/disk.raw"] = Route(images.raw, pace=0.001)
+
+    outs = await asyncio.gather(
+        *(
+            download(lab, server.url("/disk.raw"), dest=f"template/tmpl/2/{300 + i}", name=str(i))
+            for i in range(8)
+        )
+    )
+
+    assert [o.exit_status for o in outs] == [0] * 8
+    assert {o.final["checksum"] for o in outs} == {sha256(images.raw)}
+    assert lab.endpoints.peak_commands(VM) == 8
 
 
 # --------------------------------------------------------------------------- refusals
@@ -738,7 +789,8 @@ async def test_dropped_connection_resumes_with_a_range_request(
     resumed = server.seen("/disk.raw")[-1].headers
     assert resumed["Range"] == f"bytes={2 * MiB + 7}-"
     assert resumed["If-Range"] == '"v1"'
-    assert second.progress[0]["bytes"] == 2 * MiB + 7
+    assert second.progress[0] == {"event": "progress", "bytes": 0, "total": None, "rate": 0}
+    assert [p for p in second.progress if p["total"]][0]["bytes"] == 2 * MiB + 7
     assert (lab.store / DEST / f"{NAME}.raw").read_bytes() == images.raw
     assert slot_files(lab) == [f"{NAME}.raw", "template.properties"]
 
@@ -754,7 +806,7 @@ async def test_server_ignoring_range_restarts_from_zero(
 
     assert out.exit_status == 0, out
     assert "Range" in server.seen("/disk.raw")[-1].headers  # asked, got 200
-    assert out.progress[0]["bytes"] == 0
+    assert [p for p in out.progress if p["total"]][0]["bytes"] == 0
     assert (lab.store / DEST / f"{NAME}.raw").read_bytes() == images.raw
 
 
@@ -786,6 +838,39 @@ async def test_complete_part_file_is_published_on_416(
     out = await download(lab, url, checksum=sha256(images.raw))
 
     assert out.exit_status == 0, out
+    assert (lab.store / DEST / f"{NAME}.raw").read_bytes() == images.raw
+
+
+async def test_ssvm_destroyed_mid_download_resumes_on_the_replacement(
+    lab: Lab, server: TemplateServer, images: Images
+) -> None:
+    server.routes["/disk.raw"] = Route(images.raw, pace=0.01)
+    url = server.url("/disk.raw")
+    seen: list[dict[str, Any]] = []
+
+    async def downloading() -> None:
+        async for line in lab.stream("download", request(url, checksum=sha256(images.raw))):
+            seen.append(json.loads(line))
+
+    task = asyncio.create_task(downloading())
+    while not any(e.get("bytes", 0) > MiB for e in seen):
+        await asyncio.sleep(0.02)
+    await lab.endpoints.stop(VM)  # the guest crashes: its connections drop at once
+    with pytest.raises(TransportError):
+        await task
+    part = lab.store / DEST / f".{NAME}.part"
+    await asyncio.sleep(0.3)
+    kept = part.stat().st_size
+    assert kept > 0
+
+    replacement_private, replacement_public = new_host_key()
+    port = await lab.endpoints.start("s-8-VM", replacement_private)
+    replacement = Lab(lab.endpoints, lab.transport, replacement_public, port, lab.store)
+    server.routes["/disk.raw"].pace = None
+    out = await download(replacement, url, checksum=sha256(images.raw))
+
+    assert out.exit_status == 0, out
+    assert server.seen("/disk.raw")[-1].headers["Range"] == f"bytes={kept}-"
     assert (lab.store / DEST / f"{NAME}.raw").read_bytes() == images.raw
 
 
@@ -824,7 +909,7 @@ async def test_cancelling_the_consuming_task_stops_the_remote_download(
 
     async def consume() -> None:
         async for line in lab.stream("download", request(server.url("/slow"))):
-            if json.loads(line)["event"] == "progress":
+            if json.loads(line).get("bytes"):
                 progressed.set()
 
     task = asyncio.create_task(consume())
@@ -897,6 +982,32 @@ async def test_delete_stops_a_transfer_and_removes_the_slot(
     assert again.final["existed"] is False
     assert not (lab.store / DEST).exists()
     assert (lab.store / "template" / "tmpl" / "2").is_dir()
+
+
+async def test_delete_during_a_download_stops_it_and_tells_its_client(
+    lab: Lab, server: TemplateServer
+) -> None:
+    server.routes["/slow"] = Route(slow_total=1 << 30)
+    lines: list[dict[str, Any]] = []
+
+    async def downloading() -> int:
+        try:
+            async for line in lab.stream("download", request(server.url("/slow"))):
+                lines.append(json.loads(line))
+        except CommandFailed as exc:
+            return exc.exit_status
+        return 0
+
+    task = asyncio.create_task(downloading())
+    while not any(e.get("bytes") for e in lines):
+        await asyncio.sleep(0.02)
+
+    deleted = await run(lab, "delete", json.dumps({"dest": DEST}))
+
+    assert deleted.final == {"event": "deleted", "dest": DEST, "existed": True}
+    assert await task == 1
+    assert lines[-1]["reason"] == "cancelled" and "deleted" in lines[-1]["message"]
+    assert not (lab.store / DEST).exists()
 
 
 async def test_unmounted_store_is_reported(lab: Lab, server: TemplateServer) -> None:
@@ -1158,7 +1269,7 @@ def _tls_material(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 
 async def test_https_download_checks_the_certificate(
-    engine_key: Path, tmp_path: Path, images: Images
+    engine_key: Path, tmp_path: Path, images: Images, server: TemplateServer
 ) -> None:
     server_ctx, client_ctx = _tls_material(tmp_path)
     tls_server = TemplateServer(tls=server_ctx)
@@ -1178,10 +1289,14 @@ async def test_https_download_checks_the_certificate(
         lab2 = Lab(untrusting, transport, host_public, port2, store)
         url = tls_server.url("/disk.raw", host="localhost", scheme="https")
 
+        server.routes["/plain.raw"] = Route(images.raw)
+
         ok = await download(lab, url, checksum=sha256(images.raw))
         refused = await download(lab2, url, dest="template/tmpl/2/202")
+        plain = await download(lab, server.url("/plain.raw"), dest="template/tmpl/2/203")
 
         assert ok.exit_status == 0, ok
+        assert plain.exit_status == 0, plain  # the CA given for https does not wrap http
         assert "not trusted" in assert_failed(refused, "connection")["message"]
     finally:
         await transport.close()
@@ -1217,6 +1332,18 @@ async def test_stream_yields_lines_as_they_are_written_and_raises_on_failure(
     assert failed.value.exit_status == 3
     assert "something broke" in failed.value.stderr_tail
     assert f"127.0.0.1:{lab.port}" in str(failed.value) and "status 3" in str(failed.value)
+
+
+async def test_stream_reconnects_when_the_cached_connection_went_stale(lab: Lab) -> None:
+    first = [json.loads(line) async for line in lab.stream("status")]
+    await lab.endpoints.stop(VM)
+    # the guest comes back on the same port with the same host key
+    assert await lab.endpoints.start(VM, lab.host_private, port=lab.port) == lab.port
+
+    again = [json.loads(line) async for line in lab.stream("status")]
+
+    assert first[0]["event"] == again[0]["event"] == "status"
+    assert lab.endpoints.connections_accepted(VM) == 1  # one new connection after the restart
 
 
 async def test_stream_idle_timeout_raises_transport_timeout(lab: Lab) -> None:

@@ -226,6 +226,15 @@ class RemoteEngine:
     async def router_diff(self, network: str) -> dict[str, Any]:
         return dict(await self.call("router_diff", network=network))
 
+    async def router_apply(self, network: str, confirm_timeout: float = 30.0) -> JobInfo:
+        job: JobInfo = await self.call(
+            "router_apply", network=network, confirm_timeout=confirm_timeout
+        )
+        return job
+
+    async def router_check(self, network: str) -> dict[str, Any]:
+        return dict(await self.call("router_check", network=network))
+
     async def router_rule_add(
         self, network: str, type: str, fields: dict[str, Any]
     ) -> dict[str, Any]:

@@ -26,6 +26,7 @@ MUTATING = frozenset(
         "template_register",
         "template_upload",
         "template_delete",
+        "router_apply",
         "router_rule_add",
         "router_rule_delete",
         "host_add",
@@ -153,6 +154,17 @@ class EngineAPI(Protocol):
 
     async def router_diff(self, network: str) -> dict[str, Any]:
         """What applying would change since the last applied version: added, removed, changed."""
+        ...
+
+    async def router_apply(self, network: str, confirm_timeout: float = 30.0) -> JobInfo:
+        """Start a job pushing the desired rules as the next version. With a confirm window
+        (seconds, 0 = none) the engine confirms over a new SSH connection; unconfirmed, the
+        router rolls back to the previous version by itself."""
+        ...
+
+    async def router_check(self, network: str) -> dict[str, Any]:
+        """Read back what is live on the router: {network, router, version, digest,
+        live_version, live_digest, drift}."""
         ...
 
     async def router_rule_add(

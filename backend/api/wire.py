@@ -31,6 +31,8 @@ METHODS = (
     "template_delete",
     "router_show",
     "router_diff",
+    "router_apply",
+    "router_check",
     "router_rule_add",
     "router_rule_delete",
     "host_add",
@@ -64,6 +66,7 @@ def from_wire(method: str, value: Any) -> Any:
         "template_register",
         "template_upload",
         "template_delete",
+        "router_apply",
     ):
         return JobInfo.from_dict(value)
     if method == "jobs":

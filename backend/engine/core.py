@@ -263,6 +263,16 @@ class Engine:
                 await gvm.destroy(vm_id)
             return {}
 
+        async def router_apply(ctx: JobContext) -> dict[str, Any]:
+            async def report(pct: float, message: str) -> None:
+                await ctx.progress(pct, message=message, force=True)
+
+            return await self.routers.apply(
+                ctx.params["network"],
+                confirm_timeout=float(ctx.params["confirm_timeout"]),
+                progress=report,
+            )
+
         async def restart_network(ctx: JobContext) -> dict[str, Any]:
             return await self._restart_network(ctx)
 
@@ -281,6 +291,13 @@ class Engine:
             JobKind("vm.destroy", vm_action, resumable=True),
             JobKind("network.restart", restart_network, False, not_again.format("restart")),
             # the agent resumes a download from its part file; an upload starts over
+            JobKind(
+                "router.apply",
+                router_apply,
+                False,
+                "the router keeps the new rules or rolls back by itself; "
+                "`sysvm router check` shows which, then apply again",
+            ),
             JobKind("template.download", self.templates.run, resumable=True),
             JobKind("template.upload", self.templates.run, resumable=True),
             JobKind("template.delete", self.templates.delete, resumable=True),
@@ -550,6 +567,22 @@ class Engine:
     async def router_diff(self, network: str) -> dict[str, Any]:
         self._live()
         return await self.routers.diff(network)
+
+    async def router_apply(self, network: str, confirm_timeout: float = 30.0) -> JobInfo:
+        self._writable(f"apply the rules of {network}")
+        if not 0 <= confirm_timeout <= 3600:
+            raise InvalidInput("confirm_timeout", "must be between 0 and 3600 seconds")
+        await self.routers.show(network)  # NotFound before a job is made
+        return await self.runner.submit(
+            "router.apply",
+            {"network": network, "confirm_timeout": confirm_timeout},
+            target_type="network",
+            target_name=network,
+        )
+
+    async def router_check(self, network: str) -> dict[str, Any]:
+        self._live()
+        return await self.routers.check(network)
 
     async def router_rule_add(
         self, network: str, type: str, fields: dict[str, Any]

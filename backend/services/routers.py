@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db.models import GuestNetwork, Nic, NicRole, RouterRule, SystemVM, VMState, VpnUser
-from backend.errors import InvalidInput, NotFound
+from backend.errors import InvalidInput, NotFound, SysvmError
 from backend.router.bundle import BundleNetwork, RouterAddresses, RouterBundle
 from backend.router.rules import NetworkContext, Rule, parse_rule, parse_rule_alone
 
@@ -39,6 +39,10 @@ def _context(net: GuestNetwork, rows: list[RouterRule], users: list[VpnUser]) ->
         source_nat_ip=net.source_nat_ip,
         vpn_usernames=base.vpn_usernames,
     )
+
+
+class RouterNotReady(SysvmError):
+    """The network's router is not Running (or its agent does not answer)."""
 
 
 class RouterService:
@@ -178,4 +182,130 @@ class RouterService:
             "removed": [old[i] for i in sorted(old.keys() - new.keys())],
             "changed": [new[i] for i in sorted(new.keys() & old.keys()) if new[i] != old[i]],
             "pending": desired.digest != net.router_digest,
+        }
+
+    async def _router(self, s: AsyncSession, net: GuestNetwork) -> tuple[SystemVM, tuple[str, int]]:
+        router = (
+            await s.scalars(
+                select(SystemVM).where(
+                    SystemVM.network_id == net.id, SystemVM.state != VMState.DESTROYED.value
+                )
+            )
+        ).first()
+        if router is None or router.state not in (VMState.RUNNING.value, VMState.STARTING.value):
+            raise RouterNotReady(
+                f"{net.name} has no Running router; start a VM on it or restart the network"
+            )
+        endpoint = self.engine.guests.ssh_endpoint(router)
+        if endpoint is None:
+            raise RouterNotReady(f"{router.name} does not answer over SSH yet")
+        return router, endpoint
+
+    async def _call(
+        self, router: SystemVM, endpoint: tuple[str, int], command: str, stdin: str | None = None
+    ) -> dict[str, Any]:
+        result = await self.engine.transport.run(
+            endpoint[0], endpoint[1], router.host_key_public, command, stdin=stdin
+        )
+        lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+        try:
+            answer = json.loads(lines[-1]) if lines else {}
+        except ValueError:
+            answer = {}
+        if result.exit_status != 0 or "error" in answer:
+            why = (
+                answer.get("message") or answer.get("error") or result.stderr.strip() or "no answer"
+            )
+            field = answer.get("field")
+            if result.exit_status == 2 and field:
+                raise InvalidInput(str(field), str(why))
+            raise SysvmError(f"{router.name}: {command.split()[1]} failed: {why}")
+        return dict(answer)
+
+    async def apply(
+        self, network: str, *, confirm_timeout: float, progress: Any = None
+    ) -> dict[str, Any]:
+        """Push the desired bundle as the next version; with a confirm window, confirm it over a
+        new SSH connection, else the router rolls itself back. Returns the router's answer."""
+        async with self.engine.db.read() as s:
+            net = await self._network(s, network)
+            router, endpoint = await self._router(s, net)
+            bundle = await self.desired_bundle(s, net, net.router_version + 1)
+        if progress:
+            await progress(20, f"applying version {bundle.version} to {router.name}")
+        command = f"sysvm-router apply --confirm-timeout {int(confirm_timeout)}"
+        answer = await self._call(router, endpoint, command, bundle.to_json())
+        if confirm_timeout > 0:
+            if progress:
+                await progress(70, f"confirming version {bundle.version} over a new connection")
+            self.engine.transport.drop(endpoint[0], endpoint[1], router.host_key_public)
+            try:
+                await self._call(router, endpoint, f"sysvm-router confirm {bundle.version}")
+            except SysvmError as exc:
+                raise SysvmError(
+                    f"version {bundle.version} was applied but could not be confirmed ({exc}); "
+                    f"{router.name} rolls back to version {net.router_version} within "
+                    f"{int(confirm_timeout)} s by itself"
+                ) from exc
+        await self._record(net.id, bundle, answer)
+        return {"version": bundle.version, "digest": bundle.digest, **answer}
+
+    async def _record(self, net_id: int, bundle: RouterBundle, answer: dict[str, Any]) -> None:
+        async def work(s: AsyncSession) -> str:
+            net = await s.get(GuestNetwork, net_id)
+            assert net is not None
+            net.router_version = bundle.version
+            net.router_digest = bundle.digest
+            net.router_bundle = bundle.to_json()
+            net.router_live_digest = str(answer.get("live_digest", ""))
+            net.router_expected_live = net.router_live_digest
+            return net.name
+
+        name = await self.engine.db.write(work)
+        self.engine.bus.publish(
+            "network", net_id, "updated", name, router_version=bundle.version, drift=False
+        )
+
+    async def push_current(self, network_id: int) -> None:
+        """A router that (re)started gets the last applied bundle again before it serves."""
+        async with self.engine.db.read() as s:
+            net = await s.get(GuestNetwork, network_id)
+        if net is None or not net.router_bundle:
+            return
+        async with self.engine.db.read() as s:
+            router, endpoint = await self._router(s, net)
+        answer = await self._call(router, endpoint, "sysvm-router boot", net.router_bundle)
+        live = str(answer.get("live_digest", ""))
+
+        async def work(s: AsyncSession) -> None:
+            row = await s.get(GuestNetwork, network_id)
+            assert row is not None
+            row.router_live_digest = live
+
+        await self.engine.db.write(work)
+
+    async def check(self, network: str) -> dict[str, Any]:
+        """Read back what is live on the router and compare it with what was applied."""
+        async with self.engine.db.read() as s:
+            net = await self._network(s, network)
+            router, endpoint = await self._router(s, net)
+        answer = await self._call(router, endpoint, "sysvm-router check")
+        live = str(answer.get("live_digest", ""))
+        drift = bool(net.router_expected_live) and live != net.router_expected_live
+
+        async def work(s: AsyncSession) -> None:
+            row = await s.get(GuestNetwork, net.id)
+            assert row is not None
+            row.router_live_digest = live
+
+        await self.engine.db.write(work)
+        self.engine.bus.publish("network", net.id, "updated", net.name, drift=drift)
+        return {
+            "network": net.name,
+            "router": router.name,
+            "version": net.router_version,
+            "digest": net.router_digest,
+            "live_version": answer.get("version"),
+            "live_digest": live,
+            "drift": drift,
         }

@@ -285,6 +285,9 @@ class SystemVMService:
             await conn.define_and_start(vm.name, self.domain_xml(vm, host))
             await self.engine.system_vms.boot_guest(vm)
             await self.wait_for_agent(vm)
+            if vm.type == SystemVMType.ROUTER.value and vm.network_id is not None:
+                # the router serves nothing before its network's rules are live again
+                await self.engine.routers.push_current(vm.network_id)
         except (SysvmError, OSError) as exc:
             await self.set_state(vm, VMState.ERROR, last_error=str(exc))
             raise

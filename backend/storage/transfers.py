@@ -411,7 +411,7 @@ class TemplateTransfers:
         if final is None:
             raise _SsvmLost(f"{ssvm.name} stopped answering mid-transfer")
         if final["event"] == "error":
-            if final.get("resumable") and final.get("reason") in ("connection", "timeout"):
+            if final.get("resumable"):  # connection, timeout, busy, superseded: go on
                 raise _SsvmLost(str(final.get("message")))
             failed = (
                 TemplateState.DOWNLOAD_ERROR

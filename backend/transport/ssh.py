@@ -285,6 +285,13 @@ class SystemVMTransport:
             with contextlib.suppress(Exception):
                 await conn.wait_closed()
 
+    def drop(self, address: str, port: int, host_public_key: str) -> None:
+        """Close the cached connection to that VM, so the next command dials a new one (as a
+        commit-confirm must: it proves the control path still works after an apply)."""
+        slot = self._slots.get((address, port, host_public_key.strip()))
+        if slot is not None and slot.connection is not None:
+            self._forget((address, port, host_public_key.strip()), slot.connection)
+
     async def _connection(self, key: _Key) -> tuple[_Connection, bool]:
         """The live connection for `key`, dialling if there is none; also says whether it was reused."""
         slot = self._slots.setdefault(key, _Slot())

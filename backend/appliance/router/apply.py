@@ -1,0 +1,466 @@
+"""Applying a router bundle inside the router: parse, render, arm the rollback, go live, measure.
+
+`RouterApplier` is one router's applier (the SSH commands in `agent.py` call it in a worker
+thread). An apply parses the bundle (reusing the rules of the last one), refuses a version that
+is not newer than the live one, renders it, and, with a confirm window, first arms the detached
+rollback timer and records the window; then it loads the ruleset (netns mode: a `--noflush`
+delta when the live tables are the previous bundle's, else the complete ruleset, each
+`iptables-restore --test`ed first), swaps the config files and reloads the services whose files
+changed, and reads back what is live to answer its digest. If the delta's read-back differs from
+the expected digest (someone changed the tables), the complete ruleset is loaded and read again.
+The last confirmed snapshot stays on disk: a rollback and `boot` restore it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from backend.appliance.router import vpn
+from backend.appliance.router.delta import diff_rulesets
+from backend.appliance.router.installer import Stopwatch, TablesChange, install
+from backend.appliance.router.layout import RouterInterfaces, RouterPaths
+from backend.appliance.router.live_digest import live_digest, netfilter_state
+from backend.appliance.router.netfilter import BUILTIN, TABLES, Ruleset, render_ruleset
+from backend.appliance.router.render import SERVICE_FILES, render_files
+from backend.appliance.router.rollback import restore_confirmed, roll_back
+from backend.appliance.router.rollback_timer import TimerNotArmed, arm, disarm
+from backend.appliance.router.rule_tables import TablesError
+from backend.appliance.router.site import RouterSite
+from backend.appliance.router.state_dir import (
+    CONFIRMED,
+    LIVE,
+    PendingConfirm,
+    RollbackRecord,
+    SnapshotData,
+    SnapshotMeta,
+    new_serial,
+)
+from backend.errors import InvalidInput
+from backend.router.bundle import RouterBundle
+from backend.router.rules import LoadBalancerRule
+
+MAX_CONFIRM_TIMEOUT = 3600.0
+MAX_DIFFERENCES = 50
+_SERVICE_FILES: dict[str, list[str]] = {k: list(v) for k, v in SERVICE_FILES.items()}
+_MANAGED = sorted({n for names in SERVICE_FILES.values() for n in names})
+
+
+class ApplyRefused(Exception):
+    """The request was refused before anything changed (exit 2); `field` names what is wrong."""
+
+    def __init__(self, field: str, message: str, **details: Any) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.details = details
+
+
+class ApplyFailed(Exception):
+    """The command could not do its work (exit 1); the message says what happened to the router."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+@dataclass(frozen=True)
+class RenderedBundle:
+    """A bundle rendered for this router: ruleset (kept for deltas), files, services, digest."""
+
+    bundle: RouterBundle
+    ruleset: Ruleset
+    iptables: str
+    files: dict[str, str]
+    services: dict[str, bool]
+    expected_live_digest: str
+
+
+@dataclass(frozen=True)
+class _LiveCache:
+    """The live snapshot's parsed bundle and ruleset, valid while its serial is live."""
+
+    serial: str
+    bundle: RouterBundle
+    ruleset: Ruleset
+
+
+def confirm_timeout_of(text: str) -> float:
+    """A `--confirm-timeout` value: seconds, 0 (no window) up to an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ApplyRefused("confirm_timeout", f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_CONFIRM_TIMEOUT:
+        raise ApplyRefused("confirm_timeout", f"must be 0 to {MAX_CONFIRM_TIMEOUT:g} seconds")
+    return value
+
+
+class RouterApplier:
+    """One router's applier. Every state change holds the router's lock (shared with its timer)."""
+
+    def __init__(self, site: RouterSite, ifs: RouterInterfaces | None = None) -> None:
+        self.site = site
+        self.state = site.state()
+        self.state.ensure()
+        try:
+            self.paths = RouterPaths(str(self.state.config_dir), str(self.state.state_dir))
+        except InvalidInput as exc:
+            raise ApplyRefused("router_root", f"{site.root} cannot hold configs: {exc}") from None
+        self.ifs = ifs or RouterInterfaces()
+        self.tables = site.tables(self.state)
+        self.reloads = site.reloads(self.state)
+        self._cache: _LiveCache | None = None
+
+    # ------------------------------------------------------------------ commands
+
+    def apply(self, text: str, confirm_timeout: float = 0.0) -> dict[str, Any]:
+        """`sysvm-router apply`: make the bundle in `text` live (see the module docstring)."""
+        watch = Stopwatch()
+        cache = self._cache
+        try:
+            bundle = RouterBundle.from_json(text, cache.bundle if cache else None)
+        except InvalidInput as exc:
+            raise ApplyRefused(exc.field, exc.reason) from None
+        watch.lap("parse")
+        rendered = self.render(bundle)
+        watch.lap("render")
+        with self.state.lock():
+            watch.lap("lock")
+            live = self.state.read_meta(LIVE)
+            if live is not None and live.version is not None and bundle.version <= live.version:
+                raise ApplyRefused(
+                    "version",
+                    f"{bundle.version} is not greater than the live version {live.version}",
+                    live_version=live.version,
+                    live_digest=live.live_digest,
+                    digest=live.digest,
+                )
+            return self._go_live(text, rendered, live, confirm_timeout, watch, full=False)
+
+    def confirm(self, version: int) -> dict[str, Any]:
+        """`sysvm-router confirm VERSION`: keep `version`, disarm its rollback timer."""
+        with self.state.lock():
+            pending = self.state.read_pending()
+            if pending is None or pending.version != version:
+                confirmed = self.state.read_meta(CONFIRMED)
+                if pending is None and confirmed is not None and confirmed.version == version:
+                    return {"confirmed": version, "already": True}
+                last = self.state.read_rollback()
+                if last is not None and last.from_version == version:
+                    raise ApplyFailed(
+                        f"too late: version {version} was already rolled back to "
+                        f"{_name(last.to_version)} ({last.reason})",
+                        rolled_back=asdict(last),
+                    )
+                waiting = f" (version {pending.version} is)" if pending is not None else ""
+                raise ApplyRefused("version", f"{version} is not waiting for a confirm{waiting}")
+            late = time.time() - pending.deadline
+            if late > 0:
+                disarm(pending)
+                record = roll_back(
+                    self.site,
+                    self.state,
+                    by="confirm",
+                    reason=f"the confirm of version {version} came {late:.2f}s after its "
+                    f"{pending.timeout:g}s window closed",
+                )
+                raise ApplyFailed(
+                    f"too late: the confirm window of version {version} had closed; rolled "
+                    f"back to {_name(record.to_version)}",
+                    rolled_back=asdict(record),
+                )
+            self.state.mark_confirmed(version)
+            live = self.state.read_meta(LIVE)
+            if live is not None and live.version == version:
+                self.state.write_meta(CONFIRMED, live)
+            self.state.clear_pending()
+            disarm(pending)
+            return {"confirmed": version, "window_left_s": round(-late, 3)}
+
+    def show(self) -> dict[str, Any]:
+        """`sysvm-router show`: what is live, what is confirmed, the open window, the last rollback."""
+        live = self.state.read_meta(LIVE)
+        confirmed = self.state.read_meta(CONFIRMED)
+        pending = self.state.read_pending()
+        last = self.state.read_rollback()
+        measured = live.live_digest if live is not None else None
+        if live is not None and measured is None:
+            measured = self._measure()  # not measured since a rollback
+        return {
+            "mode": self.site.mode,
+            "version": live.version if live else None,
+            "digest": live.digest if live else None,
+            "live_digest": measured,
+            "expected_live_digest": live.expected_live_digest if live else None,
+            "confirmed_version": confirmed.version if confirmed else None,
+            "confirmed_digest": confirmed.digest if confirmed else None,
+            "pending_confirm": _window(pending),
+            "last_rollback": asdict(last) if last is not None else None,
+            "paths": {"config_dir": self.paths.config_dir, "state_dir": self.paths.state_dir},
+        }
+
+    def check(self) -> dict[str, Any]:
+        """`sysvm-router check`: measure what is live now and compare it with the live snapshot."""
+        watch = Stopwatch()
+        live = self.state.read_meta(LIVE)
+        saved = self.tables.save()
+        files = self.state.read_config_files(_MANAGED)
+        measured = live_digest(saved, files)
+        watch.lap("measure")
+        expected = live.expected_live_digest if live else None
+        drift = expected is not None and measured != expected
+        answer: dict[str, Any] = {
+            "version": live.version if live else None,
+            "digest": live.digest if live else None,
+            "live_digest": measured,
+            "expected_live_digest": expected,
+            "drift": drift,
+            "pending_confirm": self.state.read_pending() is not None,
+        }
+        if drift and live is not None:
+            answer["differences"] = _differences(self.state.read_data(live), saved, files)
+        answer["timings_ms"] = watch.ms
+        return answer
+
+    def boot(self) -> dict[str, Any]:
+        """`sysvm-router boot`: re-apply the last confirmed bundle, as a router does when it starts.
+        A confirm window the restart interrupted ends in a rollback to that bundle."""
+        watch = Stopwatch()
+        with self.state.lock():
+            pending = self.state.read_pending()
+            if pending is not None:
+                disarm(pending)
+            confirmed = self.state.read_meta(CONFIRMED)
+            live = self.state.read_meta(LIVE)
+            if confirmed is None:
+                self.state.clear_pending()
+                return {"version": None, "applied": False, "mode": self.site.mode}
+            data = self.state.read_data(confirmed)
+            if data.bundle_json is None:
+                # The factory state (no bundle was ever confirmed): restore it as it was saved.
+                if pending is not None:
+                    record = roll_back(self.site, self.state, by="boot", reason=_booted(pending))
+                    return {"version": None, "applied": True, "rolled_back": asdict(record)}
+                restore_confirmed(self.site, self.state)
+                return {"version": None, "applied": True, "live_digest": self._measure()}
+            bundle = RouterBundle.from_json(data.bundle_json)
+            watch.lap("parse")
+            rendered = self.render(bundle)
+            watch.lap("render")
+            if pending is not None:
+                self.state.clear_pending()
+            answer = self._go_live(data.bundle_json, rendered, live, 0.0, watch, full=True)
+            answer["applied"] = True
+            if pending is not None:
+                record = RollbackRecord(
+                    pending.version,
+                    confirmed.version,
+                    confirmed.digest,
+                    time.time(),
+                    "boot",
+                    _booted(pending),
+                )
+                self.state.write_rollback(record)
+                answer["rolled_back"] = asdict(record)
+            return answer
+
+    # ------------------------------------------------------------------ work
+
+    def render(self, bundle: RouterBundle) -> RenderedBundle:
+        """Everything the bundle renders to for this router (as `render_router`, plus the ruleset)."""
+        ruleset = render_ruleset(bundle, self.ifs)
+        iptables = ruleset.restore_text()
+        files = render_files(bundle, self.ifs, self.paths)
+        services = {
+            "dnsmasq": True,
+            "haproxy": bool(bundle.rules_of(LoadBalancerRule)),
+            "vpn": vpn.vpn_of(bundle) is not None,
+        }
+        return RenderedBundle(
+            bundle, ruleset, iptables, files, services, live_digest(iptables, files)
+        )
+
+    def _go_live(
+        self,
+        text: str,
+        rendered: RenderedBundle,
+        live: SnapshotMeta | None,
+        confirm_timeout: float,
+        watch: Stopwatch,
+        *,
+        full: bool,
+    ) -> dict[str, Any]:
+        """Arm (with a window), install, measure, record. The caller holds the lock."""
+        bundle = rendered.bundle
+        old_pending = self.state.read_pending()
+        new_pending: PendingConfirm | None = None
+        if confirm_timeout > 0:
+            confirmed = self.state.read_meta(CONFIRMED) or self._save_factory()
+            try:
+                new_pending = arm(
+                    self.site,
+                    self.state,
+                    version=bundle.version,
+                    timeout=confirm_timeout,
+                    rollback_to=confirmed.version,
+                )
+            except (TimerNotArmed, OSError) as exc:
+                raise ApplyFailed(f"nothing applied: {exc}") from None
+            self.state.write_pending(new_pending)  # the old window's timer now stands down
+            watch.lap("arm")
+        change, method = self._tables_change(rendered, live, full)
+        try:
+            services = self._install(rendered, live, change, watch)
+            measured = self._measure()
+            watch.lap("readback")
+            if measured != rendered.expected_live_digest and method in ("delta", "unchanged"):
+                # The tables were not the previous bundle's: load the complete ruleset instead.
+                method = "full (delta found drift)"
+                self._install(rendered, live, TablesChange(rendered.iptables), watch)
+                measured = self._measure()
+                watch.lap("readback")
+        except (TablesError, OSError) as exc:
+            if new_pending is not None:
+                disarm(new_pending)
+                if old_pending is not None:
+                    self.state.write_pending(old_pending)  # its timer still runs
+                else:
+                    self.state.clear_pending()
+            raise ApplyFailed(f"version {bundle.version} not applied: {exc}") from None
+        meta = SnapshotMeta(
+            version=bundle.version,
+            digest=bundle.digest,
+            serial=new_serial(),
+            expected_live_digest=rendered.expected_live_digest,
+            services=rendered.services,
+            service_files=_SERVICE_FILES,
+            live_digest=measured,
+        )
+        self.state.write_data(meta.serial, SnapshotData(text, rendered.iptables, rendered.files))
+        self.state.write_meta(LIVE, meta)
+        if new_pending is None:
+            self.state.write_meta(CONFIRMED, meta)
+            self.state.clear_pending()
+        if old_pending is not None:
+            disarm(old_pending)
+        self._cache = _LiveCache(meta.serial, bundle, rendered.ruleset)
+        watch.lap("record")
+        watch.ms["total"] = round(sum(watch.ms.values()), 2)
+        return {
+            "version": bundle.version,
+            "digest": bundle.digest,
+            "live_digest": measured,
+            "expected_live_digest": rendered.expected_live_digest,
+            "drift": measured != rendered.expected_live_digest,
+            "services": services,
+            "iptables": method,
+            "pending_confirm": new_pending is not None,
+            "confirm_deadline": new_pending.deadline if new_pending else None,
+            "mode": self.site.mode,
+            "timings_ms": watch.ms,
+        }
+
+    def _tables_change(
+        self, rendered: RenderedBundle, live: SnapshotMeta | None, full: bool
+    ) -> tuple[TablesChange | None, str]:
+        """What to load: in netns mode a delta from the cached live ruleset when it is current."""
+        if not self.tables.kernel:
+            return TablesChange(rendered.iptables, test=False), "recorded"
+        cache = self._cache
+        if not full and cache is not None and live is not None and cache.serial == live.serial:
+            delta = diff_rulesets(cache.ruleset, rendered.ruleset)
+            if delta.empty:
+                return None, "unchanged"
+            return TablesChange(delta.restore_text(), noflush=True), "delta"
+        return TablesChange(rendered.iptables), "full"
+
+    def _install(
+        self,
+        rendered: RenderedBundle,
+        live: SnapshotMeta | None,
+        change: TablesChange | None,
+        watch: Stopwatch,
+    ) -> dict[str, str]:
+        return install(
+            self.state,
+            self.tables,
+            self.reloads,
+            files=rendered.files,
+            service_files=_SERVICE_FILES,
+            services_before=live.services if live is not None else {},
+            services_now=rendered.services,
+            change=change,
+            watch=watch,
+        )
+
+    def _measure(self) -> str:
+        """The live digest of what is live now: the tables as saved, the config files on disk."""
+        return live_digest(self.tables.save(), self.state.read_config_files(_MANAGED))
+
+    def _save_factory(self) -> SnapshotMeta:
+        """Keep what runs before the first bundle as the confirmed snapshot, so that a first
+        apply with a confirm window has something to roll back to."""
+        saved = self.tables.save()
+        if self.tables.kernel:
+            saved = _with_every_table(saved)
+        files = self.state.read_config_files(_MANAGED)
+        meta = SnapshotMeta(
+            version=None,
+            digest=None,
+            serial=new_serial(),
+            expected_live_digest=live_digest(saved, files),
+            services={name: False for name in SERVICE_FILES},
+            service_files=_SERVICE_FILES,
+        )
+        self.state.write_data(meta.serial, SnapshotData(None, saved, files))
+        self.state.write_meta(CONFIRMED, meta)
+        return meta
+
+
+def _with_every_table(saved: str) -> str:
+    """iptables-save text completed with an empty, all-ACCEPT form of each table it lacks, so that
+    restoring it also clears the tables a bundle added."""
+    present = set(netfilter_state(saved))
+    out = [saved.rstrip("\n")] if saved.strip() else []
+    for table in TABLES:
+        if table not in present:
+            out.append(f"*{table}")
+            out.extend(f":{chain} ACCEPT [0:0]" for chain in BUILTIN[table])
+            out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def _differences(data: SnapshotData, saved: str, files: dict[str, str]) -> list[str]:
+    """Which chains and files differ from the live snapshot (`table/chain`, `file NAME`)."""
+    want, have = netfilter_state(data.iptables), netfilter_state(saved)
+    out: list[str] = []
+    for table in sorted(set(want) | set(have)):
+        chains_w, chains_h = want.get(table, {}), have.get(table, {})
+        out += [
+            f"{table}/{c}"
+            for c in sorted(set(chains_w) | set(chains_h))
+            if chains_w.get(c) != chains_h.get(c)
+        ]
+    out += [f"file {n}" for n in _MANAGED if data.files.get(n) != files.get(n)]
+    return out[:MAX_DIFFERENCES]
+
+
+def _window(pending: PendingConfirm | None) -> dict[str, Any] | None:
+    if pending is None:
+        return None
+    return {
+        "version": pending.version,
+        "rollback_to": pending.rollback_to,
+        "deadline": pending.deadline,
+        "left_s": round(max(0.0, pending.deadline - time.time()), 3),
+    }
+
+
+def _booted(pending: PendingConfirm) -> str:
+    return f"the router restarted inside the confirm window of version {pending.version}"
+
+
+def _name(version: int | None) -> str:
+    return "the factory state" if version is None else f"version {version}"

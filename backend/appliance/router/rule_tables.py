@@ -1,0 +1,120 @@
+"""Where a router's netfilter tables live: recorded in a file (local mode) or a network namespace's kernel.
+
+Both answer the same three calls: `test` (would this iptables-restore input load?), `restore`
+(load it; `noflush` for a delta) and `save` (what is live, as iptables-save prints it). Command
+lines are fixed argument lists run without a shell; the rule text only ever goes on stdin.
+Standard library only: the rollback timer uses this.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Protocol
+
+from backend.appliance.router.state_dir import write_atomically
+
+# iptables binaries a namespace router may use (`-restore` / `-save` are appended).
+VARIANTS = ("iptables", "iptables-legacy", "iptables-nft")
+NETNS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+RESTORE_TIMEOUT = 120.0
+_FAILED_LINE = re.compile(r"line:? (\d+)")
+
+
+class TablesError(Exception):
+    """The rule tables refused input or could not be read; the message names the failing line."""
+
+
+class RuleTables(Protocol):
+    kernel: bool
+
+    def test(self, text: str, *, noflush: bool = False) -> None: ...
+
+    def restore(self, text: str, *, noflush: bool = False) -> None: ...
+
+    def save(self) -> str: ...
+
+
+class RecordedTables:
+    """Local mode: no kernel is touched. The renderer has validated the ruleset; "loading" it
+    records it in a file, which is what `save` reads back (and what a drift test tampers with)."""
+
+    kernel = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def test(self, text: str, *, noflush: bool = False) -> None:
+        return None
+
+    def restore(self, text: str, *, noflush: bool = False) -> None:
+        if noflush:
+            raise TablesError("recorded tables take complete rulesets only")
+        write_atomically(self.path, text)
+
+    def save(self) -> str:
+        try:
+            return self.path.read_text()
+        except FileNotFoundError:
+            return ""
+
+
+class NamespaceTables:
+    """netns mode: real iptables-restore / iptables-save inside the router's network namespace."""
+
+    kernel = True
+
+    def __init__(self, netns: str, variant: str = "iptables") -> None:
+        if not NETNS_NAME.fullmatch(netns):
+            raise ValueError(f"netns: {netns!r} is not a network namespace name")
+        if variant not in VARIANTS:
+            raise ValueError(f"iptables: {variant!r} is not one of {', '.join(VARIANTS)}")
+        self.netns = netns
+        self.variant = variant
+
+    def _argv(self, tool: str, *options: str) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, f"{self.variant}-{tool}", *options]
+
+    def _restore(self, text: str, options: list[str]) -> None:
+        # -w: wait for the xtables lock, which (legacy) is shared by every namespace on the host.
+        argv = self._argv("restore", "-w", "10", *options)
+        try:
+            done = subprocess.run(
+                argv, input=text, capture_output=True, text=True, timeout=RESTORE_TIMEOUT
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise TablesError(f"{self.variant}-restore in {self.netns} did not run: {exc}") from exc
+        if done.returncode != 0:
+            raise TablesError(_explain(f"{self.variant}-restore", done.stderr, text))
+
+    def test(self, text: str, *, noflush: bool = False) -> None:
+        self._restore(text, ["--test", *(["--noflush"] if noflush else [])])
+
+    def restore(self, text: str, *, noflush: bool = False) -> None:
+        self._restore(text, ["--noflush"] if noflush else [])
+
+    def save(self) -> str:
+        try:
+            done = subprocess.run(
+                self._argv("save"), capture_output=True, text=True, timeout=RESTORE_TIMEOUT
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise TablesError(f"{self.variant}-save in {self.netns} did not run: {exc}") from exc
+        if done.returncode != 0:
+            raise TablesError(
+                f"{self.variant}-save in {self.netns} failed: {done.stderr.strip()[:300]}"
+            )
+        return done.stdout
+
+
+def _explain(tool: str, stderr: str, text: str) -> str:
+    """The tool's complaint, with the input line it names quoted (as Neutron's manager reports)."""
+    message = " ".join(stderr.split())[:300] or "no message"
+    found = _FAILED_LINE.search(stderr)
+    if found:
+        lines = text.splitlines()
+        n = int(found.group(1))
+        if 1 <= n <= len(lines):
+            return f"{tool} refused the ruleset: {message}; line {n}: {lines[n - 1][:300]}"
+    return f"{tool} refused the ruleset: {message}"
