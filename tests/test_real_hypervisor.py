@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from backend.db.models import PrimaryStorage
 from backend.services.system_vms import BRIDGES
 from tests.conftest import converge_lab
 from tests.qemu_host import virsh
@@ -155,6 +157,7 @@ async def test_template_is_uploaded_to_the_kvm_hosts_pool_once_and_vms_boot_from
         SYSVM_INSTANCE_NAME=suffix, SYSVM_HOST_PING_INTERVAL="0.2", SYSVM_HOST_PING_TIMEOUT="1"
     )
     pool = None
+    cleanup: list[Path] = []
     try:
         await converge_lab(engine, zones=1, hosts=1, networks=1, vms=0)
         url = f"http://127.0.0.1:{server.server_address[1]}/tiny.qcow2"
@@ -162,13 +165,18 @@ async def test_template_is_uploaded_to_the_kvm_hosts_pool_once_and_vms_boot_from
             (await engine.template_register("zone1", "tiny", url, "QCOW2")).id, 60
         )
         assert job.state == "succeeded", job.error
-        # QEMU runs as libvirt-qemu: it must be able to walk down to the pool's directory
-        # (pytest's temporary directories are private to root).
-        primary = engine.home / "lab" / "primary" / "zone1"
-        for parent in [primary, *primary.parents]:
-            if parent == Path("/tmp"):
-                break
-            parent.chmod(parent.stat().st_mode | 0o011)
+        # Primary storage lives where QEMU (running as libvirt-qemu) can reach it, as on a real
+        # host; pytest's temporary directories are private to root. (There is no API for
+        # primary storage yet, so the test points the lab zone's pool there directly.)
+        pool_dir = Path(f"/var/lib/sysvm-test-{suffix}")
+        pool_dir.mkdir(mode=0o755, parents=True)
+        cleanup.append(pool_dir)
+
+        async def point_pool(s: Any) -> None:
+            row = (await s.scalars(select(PrimaryStorage))).one()
+            row.path = str(pool_dir)
+
+        await engine.db.write(point_pool)
         await engine.host_add("zone1", f"kvm-{suffix}", qemu_uri)
         await engine.lab_host("zone1-host1", up=False)  # the guest VMs go to the KVM host
         deadline = time.monotonic() + 30
@@ -216,3 +224,5 @@ async def test_template_is_uploaded_to_the_kvm_hosts_pool_once_and_vms_boot_from
                     virsh("vol-delete", line.split()[0], "--pool", pool)
             virsh("pool-destroy", pool)
             virsh("pool-undefine", pool)
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)

@@ -31,12 +31,36 @@ RECORDED = "recorded"
 COPIED = "copied"
 
 
-def _volume_xml(name: str, size: int, fmt: str, backing: tuple[str, str] | None = None) -> str:
+def qemu_owner(capabilities_xml: str) -> tuple[int, int] | None:
+    """The uid:gid QEMU runs as on that host (its DAC base label), if the host says."""
+    caps = ET.fromstring(capabilities_xml)
+    for label in caps.iterfind("./host/secmodel/baselabel[@type='kvm']"):
+        text = (label.text or "").replace("+", "")
+        if ":" in text:
+            uid, gid = text.split(":", 1)
+            if uid.isdigit() and gid.isdigit():
+                return int(uid), int(gid)
+    return None
+
+
+def _volume_xml(
+    name: str,
+    size: int,
+    fmt: str,
+    backing: tuple[str, str] | None = None,
+    owner: tuple[int, int] | None = None,
+) -> str:
     vol = ET.Element("volume")
     ET.SubElement(vol, "name").text = name
     ET.SubElement(vol, "capacity", {"unit": "bytes"}).text = str(size)
     target = ET.SubElement(vol, "target")
     ET.SubElement(target, "format", {"type": fmt})
+    if owner is not None:
+        # QEMU's user owns the volume, so the domain can open it whatever the security driver
+        perms = ET.SubElement(target, "permissions")
+        ET.SubElement(perms, "mode").text = "0600"
+        ET.SubElement(perms, "owner").text = str(owner[0])
+        ET.SubElement(perms, "group").text = str(owner[1])
     if backing is not None:
         store = ET.SubElement(vol, "backingStore")
         ET.SubElement(store, "path").text = backing[0]
@@ -145,7 +169,8 @@ class PrimaryStorageCopies:
             except libvirt.libvirtError:
                 pass
             fmt = "qcow2" if t.format == "QCOW2" else "raw"
-            vol = p.createXML(_volume_xml(volume, size, fmt), 0)
+            owner = qemu_owner(c.getCapabilities())
+            vol = p.createXML(_volume_xml(volume, size, fmt, owner=owner), 0)
             stream = c.newStream(0)
             vol.upload(stream, 0, size, 0)
             return vol, stream, str(vol.path())
@@ -212,10 +237,8 @@ class PrimaryStorageCopies:
             if backing_fmt == "qcow2":
                 # capacity of a qcow2 overlay: the template's virtual size (libvirt reads it)
                 size = int(p.storageVolLookupByName(Path(template_path).name).info()[1])
-            return str(
-                p.createXML(
-                    _volume_xml(name, size, "qcow2", (template_path, backing_fmt)), 0
-                ).path()
-            )
+            owner = qemu_owner(c.getCapabilities())
+            xml = _volume_xml(name, size, "qcow2", (template_path, backing_fmt), owner=owner)
+            return str(p.createXML(xml, 0).path())
 
         return await conn.call(f"create root disk of {vm_name}", make)
