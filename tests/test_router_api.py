@@ -137,3 +137,44 @@ def test_cli_rule_add_with_shell_metacharacters_is_one_clear_error(home: Any) ->
     shown = json.loads(run_cli("router", "show", "zone1-net1", "--json").stdout)
     assert [r["public_start_port"] for r in shown["rules"]] == [8080]
     run_cli("engine", "stop")
+
+
+async def test_apply_confirms_then_check_and_a_recreated_router_gets_the_same_rules(
+    net_engine: Engine,
+) -> None:
+    await net_engine.router_rule_add("zone1-net1", "port-forward", PF)
+    job = await net_engine.wait_job(
+        (await net_engine.router_apply("zone1-net1", confirm_timeout=5)).id, 60
+    )
+    assert job.state == "succeeded", job.error
+    assert (
+        job.result is not None
+        and job.result["version"] == 1
+        and job.result["pending_confirm"] is True
+    )
+    shown = await net_engine.router_show("zone1-net1")
+    assert shown["version"] == 1 and shown["pending"] is False and shown["drift"] is False
+    checked = await net_engine.router_check("zone1-net1")
+    assert checked["drift"] is False and checked["live_version"] == 1
+    live = checked["live_digest"]
+
+    # destroy and recreate the router: the new one is given the current rules before it serves
+    old = shown["router"]
+    job = await net_engine.wait_job(
+        (await net_engine.network_restart("zone1-net1", cleanup=True)).id, 60
+    )
+    assert job.state == "succeeded", job.error
+    again = await net_engine.router_check("zone1-net1")
+    assert again["router"] != old and again["live_version"] == 1 and again["drift"] is False
+    assert again["digest"] == checked["digest"] and live  # same bundle, live on the new router
+
+
+async def test_nothing_changed_means_nothing_pending(net_engine: Engine) -> None:
+    job = await net_engine.wait_job(
+        (await net_engine.router_apply("zone1-net1", confirm_timeout=0)).id, 60
+    )
+    assert job.state == "succeeded", job.error
+    assert (await net_engine.router_diff("zone1-net1"))["pending"] is False
+    with pytest.raises(InvalidInput) as err:
+        await net_engine.router_apply("zone1-net1", confirm_timeout=-1)
+    assert err.value.field == "confirm_timeout"

@@ -5,6 +5,10 @@ lines on stdin; each request gets one JSON line back on stdout with the same id:
 
     {"id": 1, "op": "boot", "vm": "s-1-VM", "host_key": "<openssh private key>",
      "boot_args": {...}, "delay": 0.0}            -> {"id": 1, "port": 40123}
+        optional: "store_root" (an SSVM's image store); for a router (boot_args type=router)
+        "router_root" (the directory keeping its configs and applier state; default a temp dir
+        per VM kept while this process lives), "netns" (run its iptables in that network
+        namespace instead of recording them) and "iptables" (iptables|iptables-legacy|iptables-nft).
     {"id": 2, "op": "halt", "vm": "s-1-VM"}       -> {"id": 2, "ok": true}
     {"id": 3, "op": "ping"}                       -> {"id": 3, "ok": true, "vms": 12}
     any failure                                   -> {"id": N, "error": "message"}
@@ -20,11 +24,15 @@ import contextlib
 import functools
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from backend.appliance.endpoint import ApplianceEndpoints
+from backend.appliance.router.agent import register_router
+from backend.appliance.router.site import RouterSite
 from backend.appliance.secstorage.agent import register_secstorage
 
 log = logging.getLogger(__name__)
@@ -35,14 +43,45 @@ class GuestHost:
         self.endpoints = ApplianceEndpoints(authorized_key)
         self._booting: dict[str, asyncio.Task[int]] = {}
         self._store_roots: dict[str, Path] = {}
+        self._router_sites: dict[str, RouterSite] = {}
+        self._router_temp: Path | None = None
         # SSVM guests serve the secondary storage agent on their zone's image store.
         register_secstorage(self.endpoints, self._store_root)
+        # Router guests serve the router applier on their own state directory.
+        self.routers = register_router(self.endpoints, self._router_site)
 
     def _store_root(self, vm: str) -> Path:
         root = self._store_roots.get(vm)
         if root is None:
             raise ValueError(f"{vm} has no image store mounted (not a secondary storage VM)")
         return root
+
+    def _router_site(self, vm: str) -> RouterSite:
+        site = self._router_sites.get(vm)
+        if site is None:
+            raise ValueError(f"{vm} is not a router")
+        return site
+
+    def _router_site_of(self, name: str, req: dict[str, Any]) -> RouterSite:
+        """Where a booting router keeps its state: `router_root`, else a temp dir of its own."""
+        if req.get("router_root"):
+            root = Path(str(req["router_root"]))
+        else:
+            if self._router_temp is None:
+                self._router_temp = Path(tempfile.mkdtemp(prefix="sysvm-routers-"))
+            root = self._router_temp / name
+        netns = req.get("netns")
+        return RouterSite(
+            root,
+            str(netns) if netns else None,
+            str(req.get("iptables") or "iptables"),
+        )
+
+    def close(self) -> None:
+        """Remove the routers' temporary state directories."""
+        if self._router_temp is not None:
+            shutil.rmtree(self._router_temp, ignore_errors=True)
+            self._router_temp = None
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
@@ -69,9 +108,14 @@ class GuestHost:
             return port
         task = self._booting.get(name)
         if task is None:
+            boot_args = dict(req.get("boot_args") or {})
+            if boot_args.get("type") == "router":
+                self._router_sites[name] = self._router_site_of(name, req)
 
             async def boot() -> int:
                 await asyncio.sleep(float(req.get("delay", 0.0)))
+                if name in self._router_sites:
+                    await self._boot_router(name)
                 return await self.endpoints.start(
                     name, str(req["host_key"]), boot_args=dict(req.get("boot_args") or {})
                 )
@@ -80,6 +124,13 @@ class GuestHost:
             self._booting[name] = task
             task.add_done_callback(functools.partial(self._booted, name))
         return await asyncio.shield(task)
+
+    async def _boot_router(self, name: str) -> None:
+        """What a router does as it starts: re-apply its last confirmed bundle (if it has one)."""
+        try:
+            await self.routers.boot_router(name)
+        except Exception as exc:  # the router still comes up; the engine re-pushes its bundle
+            log.warning("router %s could not re-apply its last confirmed bundle: %s", name, exc)
 
     def _booted(self, name: str, _task: asyncio.Task[int]) -> None:
         self._booting.pop(name, None)
@@ -122,6 +173,7 @@ async def serve(authorized_key: str) -> None:
         task.add_done_callback(tasks.discard)
     # the engine went away: so do its guests
     await host.endpoints.stop_all()
+    host.close()
 
 
 def main() -> None:

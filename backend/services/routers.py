@@ -258,7 +258,9 @@ class RouterService:
             net.router_digest = bundle.digest
             net.router_bundle = bundle.to_json()
             net.router_live_digest = str(answer.get("live_digest", ""))
-            net.router_expected_live = net.router_live_digest
+            net.router_expected_live = str(
+                answer.get("expected_live_digest") or net.router_live_digest
+            )
             return net.name
 
         name = await self.engine.db.write(work)
@@ -276,11 +278,13 @@ class RouterService:
             router, endpoint = await self._router(s, net)
         answer = await self._call(router, endpoint, "sysvm-router boot", net.router_bundle)
         live = str(answer.get("live_digest", ""))
+        expected = str(answer.get("expected_live_digest") or live)
 
         async def work(s: AsyncSession) -> None:
             row = await s.get(GuestNetwork, network_id)
             assert row is not None
             row.router_live_digest = live
+            row.router_expected_live = expected
 
         await self.engine.db.write(work)
 
@@ -291,12 +295,18 @@ class RouterService:
             router, endpoint = await self._router(s, net)
         answer = await self._call(router, endpoint, "sysvm-router check")
         live = str(answer.get("live_digest", ""))
-        drift = bool(net.router_expected_live) and live != net.router_expected_live
+        # The router knows what its applied bundle renders to (paths included) and says whether
+        # what is live differs; a router running another version than applied is drift too.
+        drift = bool(answer.get("drift")) or (
+            net.router_version > 0 and answer.get("version") != net.router_version
+        )
+        expected = str(answer.get("expected_live_digest") or live)
 
         async def work(s: AsyncSession) -> None:
             row = await s.get(GuestNetwork, net.id)
             assert row is not None
             row.router_live_digest = live
+            row.router_expected_live = expected
 
         await self.engine.db.write(work)
         self.engine.bus.publish("network", net.id, "updated", net.name, drift=drift)

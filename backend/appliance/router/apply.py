@@ -13,12 +13,16 @@ The last confirmed snapshot stays on disk: a rollback and `boot` restore it.
 
 from __future__ import annotations
 
-import math
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 from backend.appliance.router import vpn
+from backend.appliance.router.apply_errors import ApplyFailed, ApplyRefused
 from backend.appliance.router.delta import diff_rulesets
 from backend.appliance.router.installer import Stopwatch, TablesChange, install
 from backend.appliance.router.layout import RouterInterfaces, RouterPaths
@@ -26,7 +30,7 @@ from backend.appliance.router.live_digest import live_digest, netfilter_state
 from backend.appliance.router.netfilter import BUILTIN, TABLES, Ruleset, render_ruleset
 from backend.appliance.router.render import SERVICE_FILES, render_files
 from backend.appliance.router.rollback import restore_confirmed, roll_back
-from backend.appliance.router.rollback_timer import TimerNotArmed, arm, disarm
+from backend.appliance.router.rollback_timer import TimerLaunch, TimerNotArmed, disarm
 from backend.appliance.router.rule_tables import TablesError
 from backend.appliance.router.site import RouterSite
 from backend.appliance.router.state_dir import (
@@ -42,39 +46,25 @@ from backend.errors import InvalidInput
 from backend.router.bundle import RouterBundle
 from backend.router.rules import LoadBalancerRule
 
-MAX_CONFIRM_TIMEOUT = 3600.0
 MAX_DIFFERENCES = 50
 _SERVICE_FILES: dict[str, list[str]] = {k: list(v) for k, v in SERVICE_FILES.items()}
 _MANAGED = sorted({n for names in SERVICE_FILES.values() for n in names})
 
 
-class ApplyRefused(Exception):
-    """The request was refused before anything changed (exit 2); `field` names what is wrong."""
-
-    def __init__(self, field: str, message: str, **details: Any) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.details = details
-
-
-class ApplyFailed(Exception):
-    """The command could not do its work (exit 1); the message says what happened to the router."""
-
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.details = details
-
-
 @dataclass(frozen=True)
 class RenderedBundle:
-    """A bundle rendered for this router: ruleset (kept for deltas), files, services, digest."""
+    """A bundle rendered for this router: ruleset (kept for deltas), files, services."""
 
     bundle: RouterBundle
     ruleset: Ruleset
     iptables: str
     files: dict[str, str]
     services: dict[str, bool]
-    expected_live_digest: str
+
+    @cached_property
+    def expected_live_digest(self) -> str:
+        """The live digest the router has once exactly this is live."""
+        return live_digest(self.iptables, self.files)
 
 
 @dataclass(frozen=True)
@@ -84,17 +74,6 @@ class _LiveCache:
     serial: str
     bundle: RouterBundle
     ruleset: Ruleset
-
-
-def confirm_timeout_of(text: str) -> float:
-    """A `--confirm-timeout` value: seconds, 0 (no window) up to an hour."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ApplyRefused("confirm_timeout", f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or not 0 <= value <= MAX_CONFIRM_TIMEOUT:
-        raise ApplyRefused("confirm_timeout", f"must be 0 to {MAX_CONFIRM_TIMEOUT:g} seconds")
-    return value
 
 
 class RouterApplier:
@@ -118,26 +97,35 @@ class RouterApplier:
     def apply(self, text: str, confirm_timeout: float = 0.0) -> dict[str, Any]:
         """`sysvm-router apply`: make the bundle in `text` live (see the module docstring)."""
         watch = Stopwatch()
-        cache = self._cache
+        # With a window, the timer's interpreter starts now, while the bundle is parsed and
+        # rendered; it is armed just before the new rules go live.
+        launch = self._launch_timer() if confirm_timeout > 0 else None
         try:
-            bundle = RouterBundle.from_json(text, cache.bundle if cache else None)
-        except InvalidInput as exc:
-            raise ApplyRefused(exc.field, exc.reason) from None
-        watch.lap("parse")
-        rendered = self.render(bundle)
-        watch.lap("render")
-        with self.state.lock():
-            watch.lap("lock")
-            live = self.state.read_meta(LIVE)
-            if live is not None and live.version is not None and bundle.version <= live.version:
-                raise ApplyRefused(
-                    "version",
-                    f"{bundle.version} is not greater than the live version {live.version}",
-                    live_version=live.version,
-                    live_digest=live.live_digest,
-                    digest=live.digest,
+            cache = self._cache
+            try:
+                bundle = RouterBundle.from_json(text, cache.bundle if cache else None)
+            except InvalidInput as exc:
+                raise ApplyRefused(exc.field, exc.reason) from None
+            watch.lap("parse")
+            rendered = self.render(bundle)
+            watch.lap("render")
+            with self.state.lock():
+                watch.lap("lock")
+                live = self.state.read_meta(LIVE)
+                if live is not None and live.version is not None and bundle.version <= live.version:
+                    raise ApplyRefused(
+                        "version",
+                        f"{bundle.version} is not greater than the live version {live.version}",
+                        live_version=live.version,
+                        live_digest=live.live_digest,
+                        digest=live.digest,
+                    )
+                return self._go_live(
+                    text, rendered, live, confirm_timeout, watch, full=False, launch=launch
                 )
-            return self._go_live(text, rendered, live, confirm_timeout, watch, full=False)
+        finally:
+            if launch is not None:
+                launch.cancel()  # refused or failed before arming: the timer just exits
 
     def confirm(self, version: int) -> dict[str, Any]:
         """`sysvm-router confirm VERSION`: keep `version`, disarm its rollback timer."""
@@ -175,6 +163,7 @@ class RouterApplier:
             live = self.state.read_meta(LIVE)
             if live is not None and live.version == version:
                 self.state.write_meta(CONFIRMED, live)
+                self.state.collect_data()
             self.state.clear_pending()
             disarm(pending)
             return {"confirmed": version, "window_left_s": round(-late, 3)}
@@ -224,9 +213,14 @@ class RouterApplier:
         answer["timings_ms"] = watch.ms
         return answer
 
-    def boot(self) -> dict[str, Any]:
+    def boot(self, text: str | None = None) -> dict[str, Any]:
         """`sysvm-router boot`: re-apply the last confirmed bundle, as a router does when it starts.
-        A confirm window the restart interrupted ends in a rollback to that bundle."""
+        A confirm window the restart interrupted ends in a rollback to that bundle. With a bundle
+        in `text` (the engine pushing its current one to a router that restarted or was
+        recreated), that bundle is applied completely instead, without a window; it may carry
+        the live version (the same content again) but not an older one."""
+        if text is not None and text.strip():
+            return self._boot_with(text)
         watch = Stopwatch()
         with self.state.lock():
             pending = self.state.read_pending()
@@ -245,7 +239,13 @@ class RouterApplier:
                     return {"version": None, "applied": True, "rolled_back": asdict(record)}
                 restore_confirmed(self.site, self.state)
                 return {"version": None, "applied": True, "live_digest": self._measure()}
-            bundle = RouterBundle.from_json(data.bundle_json)
+            try:
+                bundle = RouterBundle.from_json(data.bundle_json)
+            except InvalidInput as exc:
+                raise ApplyFailed(
+                    f"the last confirmed bundle (version {confirmed.version}) no longer "
+                    f"validates: {exc}; push a new one"
+                ) from None
             watch.lap("parse")
             rendered = self.render(bundle)
             watch.lap("render")
@@ -266,6 +266,38 @@ class RouterApplier:
                 answer["rolled_back"] = asdict(record)
             return answer
 
+    def _boot_with(self, text: str) -> dict[str, Any]:
+        watch = Stopwatch()
+        try:
+            bundle = RouterBundle.from_json(text, self._cache.bundle if self._cache else None)
+        except InvalidInput as exc:
+            raise ApplyRefused(exc.field, exc.reason) from None
+        watch.lap("parse")
+        rendered = self.render(bundle)
+        watch.lap("render")
+        with self.state.lock():
+            watch.lap("lock")
+            live = self.state.read_meta(LIVE)
+            if live is not None and live.version is not None:
+                if bundle.version < live.version or (
+                    bundle.version == live.version and bundle.digest != live.digest
+                ):
+                    raise ApplyRefused(
+                        "version",
+                        f"{bundle.version} is older than, or differs from, the live version "
+                        f"{live.version}",
+                        live_version=live.version,
+                        live_digest=live.live_digest,
+                        digest=live.digest,
+                    )
+            pending = self.state.read_pending()
+            if pending is not None:  # the engine's bundle replaces whatever was on trial
+                disarm(pending)
+                self.state.clear_pending()
+            answer = self._go_live(text, rendered, live, 0.0, watch, full=True)
+            answer["applied"] = True
+            return answer
+
     # ------------------------------------------------------------------ work
 
     def render(self, bundle: RouterBundle) -> RenderedBundle:
@@ -278,9 +310,7 @@ class RouterApplier:
             "haproxy": bool(bundle.rules_of(LoadBalancerRule)),
             "vpn": vpn.vpn_of(bundle) is not None,
         }
-        return RenderedBundle(
-            bundle, ruleset, iptables, files, services, live_digest(iptables, files)
-        )
+        return RenderedBundle(bundle, ruleset, iptables, files, services)
 
     def _go_live(
         self,
@@ -291,69 +321,87 @@ class RouterApplier:
         watch: Stopwatch,
         *,
         full: bool,
+        launch: TimerLaunch | None = None,
     ) -> dict[str, Any]:
-        """Arm (with a window), install, measure, record. The caller holds the lock."""
+        """Arm (with a window), install, measure, record. The caller holds the lock.
+
+        The Python-heavy side work (the bundle digest, the expected live digest, writing the
+        snapshot) runs in a thread while iptables-restore and iptables-save run."""
         bundle = rendered.bundle
+        serial = new_serial()
+        snapshot = SnapshotData(text, rendered.iptables, rendered.files)
+
+        def prepare() -> None:
+            _ = bundle.digest, rendered.expected_live_digest  # cached for the answer
+            self.state.write_data(serial, snapshot)
+
+        side_work = _in_background(prepare)
         old_pending = self.state.read_pending()
         new_pending: PendingConfirm | None = None
-        if confirm_timeout > 0:
-            confirmed = self.state.read_meta(CONFIRMED) or self._save_factory()
-            try:
-                new_pending = arm(
-                    self.site,
-                    self.state,
-                    version=bundle.version,
-                    timeout=confirm_timeout,
-                    rollback_to=confirmed.version,
-                )
-            except (TimerNotArmed, OSError) as exc:
-                raise ApplyFailed(f"nothing applied: {exc}") from None
-            self.state.write_pending(new_pending)  # the old window's timer now stands down
-            watch.lap("arm")
-        change, method = self._tables_change(rendered, live, full)
         try:
-            services = self._install(rendered, live, change, watch)
-            measured = self._measure()
-            watch.lap("readback")
-            if measured != rendered.expected_live_digest and method in ("delta", "unchanged"):
-                # The tables were not the previous bundle's: load the complete ruleset instead.
-                method = "full (delta found drift)"
-                self._install(rendered, live, TablesChange(rendered.iptables), watch)
-                measured = self._measure()
+            if confirm_timeout > 0:
+                confirmed = self.state.read_meta(CONFIRMED) or self._save_factory()
+                try:
+                    launch = launch or self._launch_timer()
+                    new_pending = launch.activate(
+                        version=bundle.version,
+                        timeout=confirm_timeout,
+                        rollback_to=confirmed.version,
+                    )
+                except TimerNotArmed as exc:
+                    raise ApplyFailed(f"nothing applied: {exc}") from None
+                self.state.write_pending(new_pending)  # the old window's timer now stands down
+                watch.lap("arm")
+            change, method = self._tables_change(rendered, live, full)
+            try:
+                services = self._install(rendered, live, change, watch)
+                saved = self._measure()
                 watch.lap("readback")
-        except (TablesError, OSError) as exc:
-            if new_pending is not None:
-                disarm(new_pending)
-                if old_pending is not None:
-                    self.state.write_pending(old_pending)  # its timer still runs
-                else:
-                    self.state.clear_pending()
-            raise ApplyFailed(f"version {bundle.version} not applied: {exc}") from None
+                side_work.result()
+                watch.lap("side_work")
+                if saved != rendered.expected_live_digest and method in ("delta", "unchanged"):
+                    # The tables were not the previous bundle's: load the complete ruleset.
+                    method = "full (delta found drift)"
+                    self._install(rendered, live, TablesChange(rendered.iptables), watch)
+                    saved = self._measure()
+                    watch.lap("readback")
+            except (TablesError, OSError) as exc:
+                if new_pending is not None:
+                    disarm(new_pending)
+                    if old_pending is not None:
+                        self.state.write_pending(old_pending)  # its timer still runs
+                    else:
+                        self.state.clear_pending()
+                raise ApplyFailed(f"version {bundle.version} not applied: {exc}") from None
+        except BaseException:
+            _wait_quietly(side_work)
+            self.state.drop_data(serial)
+            raise
         meta = SnapshotMeta(
             version=bundle.version,
             digest=bundle.digest,
-            serial=new_serial(),
+            serial=serial,
             expected_live_digest=rendered.expected_live_digest,
             services=rendered.services,
             service_files=_SERVICE_FILES,
-            live_digest=measured,
+            live_digest=saved,
         )
-        self.state.write_data(meta.serial, SnapshotData(text, rendered.iptables, rendered.files))
         self.state.write_meta(LIVE, meta)
         if new_pending is None:
             self.state.write_meta(CONFIRMED, meta)
             self.state.clear_pending()
         if old_pending is not None:
             disarm(old_pending)
+        self.state.collect_data()
         self._cache = _LiveCache(meta.serial, bundle, rendered.ruleset)
         watch.lap("record")
         watch.ms["total"] = round(sum(watch.ms.values()), 2)
         return {
             "version": bundle.version,
             "digest": bundle.digest,
-            "live_digest": measured,
+            "live_digest": saved,
             "expected_live_digest": rendered.expected_live_digest,
-            "drift": measured != rendered.expected_live_digest,
+            "drift": saved != rendered.expected_live_digest,
             "services": services,
             "iptables": method,
             "pending_confirm": new_pending is not None,
@@ -361,6 +409,12 @@ class RouterApplier:
             "mode": self.site.mode,
             "timings_ms": watch.ms,
         }
+
+    def _launch_timer(self) -> TimerLaunch:
+        try:
+            return TimerLaunch(self.site, self.state)
+        except OSError as exc:
+            raise ApplyFailed(f"nothing applied: cannot start the rollback timer: {exc}") from None
 
     def _tables_change(
         self, rendered: RenderedBundle, live: SnapshotMeta | None, full: bool
@@ -417,6 +471,29 @@ class RouterApplier:
         self.state.write_data(meta.serial, SnapshotData(None, saved, files))
         self.state.write_meta(CONFIRMED, meta)
         return meta
+
+
+def _in_background(work: Callable[[], None]) -> Future[None]:
+    """Run `work` in a thread of its own; the future holds its outcome."""
+    future: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+    threading.Thread(target=run, name="router-apply-side-work", daemon=True).start()
+    return future
+
+
+def _wait_quietly(future: Future[None]) -> None:
+    try:
+        future.result()
+    except BaseException:
+        pass
 
 
 def _with_every_table(saved: str) -> str:

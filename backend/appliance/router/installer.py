@@ -60,7 +60,7 @@ def install(
     staged = state.stage_config_files({n: files[n] for n in changed if n in files})
     watch.lap("files_staged")
     try:
-        if change is not None and change.text:
+        if change is not None:
             if change.test:
                 tables.test(change.text, noflush=change.noflush)
                 watch.lap("iptables_test")

@@ -44,6 +44,7 @@ def restore_confirmed(site: RouterSite, state: RouterStateDir) -> SnapshotMeta:
     )
     # Live is the confirmed snapshot again; its live digest is measured when next asked.
     state.write_meta(LIVE, dataclasses.replace(target, live_digest=None))
+    state.collect_data()
     return target
 
 

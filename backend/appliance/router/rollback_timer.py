@@ -1,13 +1,15 @@
 """The commit-confirmed rollback timer: a detached process, armed before new rules go live.
 
-`arm` starts `python -m backend.appliance.router.rollback_timer` in a new session with its stdio
-cut from the command that armed it; it forks once more (so it is nobody's child and never a
-zombie), reports its pid, sleeps until the window's deadline, then takes the router's lock and,
-unless the window was confirmed (a confirm marker for its version) or superseded (another token
-in pending.json), rolls back to the last confirmed snapshot. Nothing ties it to the SSH session
-that applied the bundle: the session (or the whole appliance command host) may die and the
-rollback still happens, which Debian's `iptables-apply` does not do. Standard library only, so it
-starts in a few tens of milliseconds.
+`TimerLaunch` starts `python -m backend.appliance.router.rollback_timer` in a new session, early
+(its interpreter starts while the bundle is parsed and rendered); the process forks once more (so
+it is nobody's child and never a zombie), reports its pid, and waits for one line on stdin.
+`activate` sends the version and deadline and closes the pipe: from then on the timer holds no
+stdio of the command that armed it and nothing ties it to the SSH session. It sleeps until the
+deadline, takes the router's lock and, unless the window was confirmed (a confirm marker for
+its version) or superseded (another token in pending.json), rolls back to the last confirmed
+snapshot. `cancel` (end of file instead of a line) makes it exit. The session, or the whole
+appliance command host, may die after activation and the rollback still happens, which
+Debian's `iptables-apply` does not do. Standard library only, so it starts fast.
 """
 
 from __future__ import annotations
@@ -37,59 +39,75 @@ class TimerNotArmed(Exception):
     """The rollback timer could not be started; nothing was applied."""
 
 
-def arm(
-    site: RouterSite,
-    state: RouterStateDir,
-    *,
-    version: int,
-    timeout: float,
-    rollback_to: int | None,
-) -> PendingConfirm:
-    """Start the detached timer for `version` and return the window it guards (not yet recorded:
-    the caller writes it to pending.json before the new rules go live)."""
-    token = secrets.token_hex(12)
-    deadline = time.time() + timeout
-    argv = [
-        sys.executable,
-        "-m",
-        MODULE,
-        *site.argv(),
-        "--version",
-        str(version),
-        "--token",
-        token,
-        "--deadline",
-        repr(deadline),
-    ]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH")) if p)
-    with open(state.timer_log, "ab") as log:
-        child = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            cwd="/",
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
-    assert child.stdout is not None
-    try:
-        ready, _, _ = select.select([child.stdout], [], [], START_TIMEOUT)
-        line = child.stdout.readline() if ready else b""
-    finally:
-        child.stdout.close()
+class TimerLaunch:
+    """A rollback timer started ahead of need: `activate` arms it, `cancel` lets it go."""
+
+    def __init__(self, site: RouterSite, state: RouterStateDir) -> None:
+        self.token = secrets.token_hex(12)
+        self._log = state.timer_log
+        argv = [
+            sys.executable,
+            "-S",  # no site-packages: the timer needs the standard library and our package only
+            "-m",
+            MODULE,
+            *site.argv(),
+            "--token",
+            self.token,
+        ]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH")) if p)
+        with open(state.timer_log, "ab") as log:
+            self._child: subprocess.Popen[bytes] | None = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd="/",
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+
+    def activate(self, *, version: int, timeout: float, rollback_to: int | None) -> PendingConfirm:
+        """Arm the timer: the window closes `timeout` seconds from now. Returns the window, for
+        the caller to record in pending.json before the new rules go live."""
+        child = self._child
+        if child is None:
+            raise TimerNotArmed("the rollback timer was already used")
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            ready, _, _ = select.select([child.stdout], [], [], START_TIMEOUT)
+            line = child.stdout.readline() if ready else b""
+            if not line.strip().isdigit():
+                raise TimerNotArmed(
+                    f"the rollback timer did not start within {START_TIMEOUT:g}s (see {self._log})"
+                )
+            deadline = time.time() + timeout
+            child.stdin.write(f"{version} {deadline!r} {timeout!r}\n".encode())
+            child.stdin.flush()
+        except OSError as exc:
+            raise TimerNotArmed(f"the rollback timer went away: {exc}") from exc
+        finally:
+            self._release()
+        return PendingConfirm(version, self.token, deadline, timeout, int(line), rollback_to)
+
+    def cancel(self) -> None:
+        """Let an unarmed timer exit (end of file on its stdin); nothing if already armed."""
+        self._release()
+
+    def _release(self) -> None:
+        child, self._child = self._child, None
+        if child is None:
+            return
+        for pipe in (child.stdin, child.stdout):
+            with contextlib.suppress(OSError):
+                if pipe is not None:
+                    pipe.close()
         try:
             child.wait(START_TIMEOUT)  # the first child exits as soon as it has forked
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-    if not line.strip().isdigit():
-        raise TimerNotArmed(
-            f"the rollback timer did not start within {START_TIMEOUT:g}s (see {state.timer_log})"
-        )
-    return PendingConfirm(version, token, deadline, timeout, int(line), rollback_to)
 
 
 def disarm(pending: PendingConfirm) -> None:
@@ -104,10 +122,12 @@ def disarm(pending: PendingConfirm) -> None:
             os.kill(pending.pid, signal.SIGTERM)
 
 
-def _run(site: RouterSite, version: int, token: str, deadline: float) -> None:
+def _run(site: RouterSite, token: str, version: int, deadline: float, timeout: float) -> None:
     state = RouterStateDir(site.root)
     while (left := deadline - time.time()) > 0:
         time.sleep(left)
+    if not state.applier_dir.is_dir():
+        return  # the router's state is gone (a lab torn down): nothing to roll back
     with state.lock():
         pending = state.read_pending()
         if pending is None or pending.token != token or state.is_confirmed(version):
@@ -116,7 +136,7 @@ def _run(site: RouterSite, version: int, token: str, deadline: float) -> None:
             site,
             state,
             by="timer",
-            reason=f"version {version} was not confirmed within {pending.timeout:g}s",
+            reason=f"version {version} was not confirmed within {timeout:g}s",
         )
     print(
         f"{time.strftime('%Y-%m-%dT%H:%M:%S')} rolled back from {record.from_version} to "
@@ -131,19 +151,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--netns")
     parser.add_argument("--iptables", default="iptables")
-    parser.add_argument("--version", type=int, required=True)
     parser.add_argument("--token", required=True)
-    parser.add_argument("--deadline", type=float, required=True)
     args = parser.parse_args(argv)
     site = RouterSite(Path(args.root), args.netns, args.iptables)
     if os.fork() > 0:
         os._exit(0)  # the launcher reaps this first child at once; the timer lives on, detached
-    sys.stdout.write(f"{os.getpid()}\n")
-    sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # drop the pipe to the launcher: the timer holds no stdio of the session
+    try:
+        os.write(1, f"{os.getpid()}\n".encode())
+    except OSError:
+        return  # the launcher went away before arming: there is nothing to guard
+    line = sys.stdin.readline()  # "VERSION DEADLINE TIMEOUT", or end of file: not needed
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):  # drop both pipes: the timer keeps no stdio of the session that armed it
+        os.dup2(devnull, fd)
     os.close(devnull)
-    _run(site, args.version, args.token, args.deadline)
+    if not line.strip():
+        return
+    version, deadline, timeout = line.split()
+    _run(site, args.token, int(version), float(deadline), float(timeout))
 
 
 if __name__ == "__main__":

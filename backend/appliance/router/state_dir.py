@@ -35,6 +35,9 @@ from typing import Any
 
 LIVE = "live"
 CONFIRMED = "confirmed"
+# Config files holding secrets (strongSwan's PSK, pppd's passwords) are private to root; the
+# others stay readable, since dnsmasq re-reads its hosts files after dropping privileges.
+SECRET_FILES = frozenset({"ipsec.secrets", "chap-secrets"})
 
 
 def write_atomically(path: Path, data: str | bytes, *, durable: bool = False) -> None:
@@ -165,13 +168,18 @@ class RouterStateDir:
         body = json.dumps(asdict(data), separators=(",", ":"))
         write_atomically(self._data_path(serial), body, durable=True)
 
+    def drop_data(self, serial: str) -> None:
+        """Remove snapshot data that never became live or confirmed."""
+        with contextlib.suppress(FileNotFoundError):
+            self._data_path(serial).unlink()
+
     def write_meta(self, which: str, meta: SnapshotMeta) -> None:
         """Point `which` at a snapshot whose data is written (the rename is the commit)."""
         write_atomically(self._meta_path(which), json.dumps(asdict(meta)), durable=True)
-        self._collect_data()
 
-    def _collect_data(self) -> None:
-        """Remove snapshot data neither live nor confirmed refers to any more."""
+    def collect_data(self) -> None:
+        """Remove snapshot data neither live nor confirmed refers to any more (call it with the
+        lock held and no snapshot being written)."""
         keep = {m.serial for m in (self.read_meta(LIVE), self.read_meta(CONFIRMED)) if m}
         for path in self.applier_dir.glob("data-*.json"):
             if path.name[5:-5] not in keep:
@@ -238,7 +246,7 @@ class RouterStateDir:
                 staged[name] = Path(tmp)
                 with os.fdopen(fd, "w") as f:
                     f.write(text)
-                os.chmod(tmp, 0o600)
+                os.chmod(tmp, 0o600 if name in SECRET_FILES else 0o644)
         except BaseException:
             discard_staged(staged)
             raise
