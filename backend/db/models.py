@@ -23,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from backend.router.rule_types import RuleType
+
 
 def utcnow() -> datetime:
     """Timezone-aware now; every timestamp in the database is UTC."""
@@ -107,18 +109,6 @@ class JobState(enum.StrEnum):
     @property
     def finished(self) -> bool:
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-
-class RuleType(enum.StrEnum):
-    FIREWALL_INGRESS = "firewall-ingress"
-    FIREWALL_EGRESS = "firewall-egress"
-    PORT_FORWARD = "port-forward"
-    STATIC_NAT = "static-nat"
-    SOURCE_NAT = "source-nat"
-    LOAD_BALANCER = "load-balancer"
-    DHCP_ENTRY = "dhcp-entry"
-    DNS_ENTRY = "dns-entry"
-    REMOTE_ACCESS_VPN = "remote-access-vpn"
 
 
 def _enum_values(e: type[enum.StrEnum]) -> str:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
 
-from backend.db.models import RuleType
 from backend.errors import InvalidInput
 from backend.router.conflicts import Claim, ClaimIndex
 from backend.router.field_checks import (
@@ -30,6 +29,7 @@ from backend.router.field_checks import (
     check_unicast,
     join,
 )
+from backend.router.rule_types import RuleType
 from backend.router.rules import (
     EgressPolicy,
     NetworkContext,

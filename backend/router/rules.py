@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any, ClassVar
 
-from backend.db.models import RuleType
 from backend.errors import InvalidInput
 from backend.router.conflicts import Claim, ClaimIndex
 from backend.router.field_checks import (
@@ -46,6 +45,7 @@ from backend.router.field_checks import (
     check_username,
     join,
 )
+from backend.router.rule_types import RuleType
 
 MAX_CIDRS = 32
 MAX_EGRESS_PAIRS = 256
