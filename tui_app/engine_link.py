@@ -47,6 +47,7 @@ class EngineLink:
         self.max_retry_seconds = max_retry_seconds
         self.connected: bool | None = None  # None until the first attempt ends either way
         self.events_received = 0
+        self.last_event_id = 0  # the newest event seen, so a screen can ask for what came before
 
     async def run(self) -> None:
         delay = self.retry_seconds
@@ -94,6 +95,7 @@ class EngineLink:
     async def _pump(self, stream: AsyncIterator[EventRecord]) -> None:
         async for event in stream:
             self.events_received += 1
+            self.last_event_id = max(self.last_event_id, event.id)
             self.on_event(event)
 
     def _set_connected(self, connected: bool, reason: str) -> None:

@@ -1,41 +1,99 @@
-"""The console photographs itself: SVGs of the main and help screens, for `screenshots/`."""
+"""The console photographs itself: SVGs of its main screens, for `screenshots/`.
+
+`make screenshots` runs `_main`: a fresh lab in a throw-away home, a few jobs so the jobs
+screen has something to show, then the console headless at 80x24 and 160x48. Uptimes and
+times are left out (`clock=False`), so two runs differ only where the lab's ids raced.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from textual.widgets import Input
 
 from tui_app.app import SysvmApp
+from tui_app.screens.command_prompt import CommandPromptScreen
+from tui_app.screens.confirm import ConfirmScreen
 from tui_app.screens.help import HelpScreen
-from tui_app.widgets.inventory_tree import InventoryTree
+from tui_app.screens.jobs import JobsScreen
+from tui_app.widgets.inventory_tree import InventoryItem, InventoryTree
 
 if TYPE_CHECKING:
     from backend.api.protocol import EngineAPI
 
 SIZES = ((80, 24), (160, 48))
+Shot = Callable[[SysvmApp, Any], Awaitable[None]]
 
 
 async def save_screenshots(
     api: EngineAPI, out_dir: Path, *, ascii: bool = False, read_only: bool = False
 ) -> list[Path]:
-    """Run the console headless against `api` and save `main-80x24.svg`, `main-160x48.svg`
-    and `help-80x24.svg` in `out_dir` (created if missing); returns the files written."""
+    """Run the console headless against `api` and save, in `out_dir` (created if missing):
+    main-80x24, main-160x48, help-80x24, jobs-80x24, confirm-destroy-80x24 and
+    command-prompt-80x24 (.svg); returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for width, height in SIZES:
-        app = SysvmApp(api, ascii=ascii, read_only=read_only)
+        app = SysvmApp(api, ascii=ascii, read_only=read_only, clock=False)
         async with app.run_test(size=(width, height)) as pilot:
             tree = await _wait_for_inventory(app, pilot)
             _arrange(tree, show_networks=height >= 40)
-            await pilot.pause(0.2)
+            await _settle(app, pilot)
             written.append(_save(app, out_dir, f"main-{width}x{height}.svg"))
-            if (width, height) == SIZES[0]:
-                await pilot.press("question_mark")
-                await _wait_until(pilot, lambda a=app: isinstance(a.screen, HelpScreen))
+            if (width, height) != SIZES[0]:
+                continue
+            for name, shot in (
+                ("help", _help),
+                ("jobs", _jobs),
+                ("confirm-destroy", _confirm_destroy),
+                ("command-prompt", _command_prompt),
+            ):
+                if read_only and name == "confirm-destroy":
+                    continue  # no destroy key in read-only mode
+                await shot(app, pilot)
+                await pilot.pause(0.2)
+                written.append(_save(app, out_dir, f"{name}-{width}x{height}.svg"))
+                app.back_to_main()
                 await pilot.pause(0.1)
-                written.append(_save(app, out_dir, f"help-{width}x{height}.svg"))
     return written
+
+
+async def _help(app: SysvmApp, pilot: Any) -> None:
+    await pilot.press("question_mark")
+    await _wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
+
+
+async def _jobs(app: SysvmApp, pilot: Any) -> None:
+    app.run_command("jobs")
+    await _wait_until(pilot, lambda: isinstance(app.screen, JobsScreen) and app.screen.loaded)
+
+
+async def _confirm_destroy(app: SysvmApp, pilot: Any) -> None:
+    tree = app.main_screen.inventory
+    target = _first_system_vm(tree)
+    if target is not None:
+        tree.jump_to(target)
+        await pilot.pause()
+    await pilot.press("D")
+    await _wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+
+
+async def _command_prompt(app: SysvmApp, pilot: Any) -> None:
+    await pilot.press("colon")
+    await _wait_until(pilot, lambda: isinstance(app.screen, CommandPromptScreen))
+    app.screen.query_one(Input).cursor_blink = False
+    await pilot.press("z", "o")
+
+
+def _first_system_vm(tree: InventoryTree) -> InventoryItem | None:
+    for zone in tree.zones:
+        for group in zone.children:
+            if group.data.get("group") == "system_vms" and group.children:
+                return group.children[0]
+    return None
 
 
 def _arrange(tree: InventoryTree, *, show_networks: bool) -> None:
@@ -53,9 +111,19 @@ def _arrange(tree: InventoryTree, *, show_networks: bool) -> None:
     if show_networks and nets is not None and nets.children:
         tree.expand_path(*nets.children[0].key)
     target = svms.children[0] if svms is not None and svms.children else first
-    if target.node is not None:
-        tree.last_line  # noqa: B018 - node lines must be current before moving the cursor
-        tree.move_cursor(target.node)
+    tree.jump_to(target)
+
+
+async def _settle(app: SysvmApp, pilot: Any) -> None:
+    """Let the details pane read what it shows before the picture is taken."""
+    pane = app.main_screen.details
+    item = pane.item
+    if item is not None and item.kind in ("system_vm", "router"):
+        await _wait_until(
+            pilot,
+            lambda: (c := pane.cached(item.name)) is not None and c.details is not None,
+        )
+    await pilot.pause(0.2)
 
 
 def _save(app: SysvmApp, out_dir: Path, name: str) -> Path:
@@ -65,7 +133,8 @@ def _save(app: SysvmApp, out_dir: Path, name: str) -> Path:
 
 async def _wait_for_inventory(app: SysvmApp, pilot: object, timeout: float = 10.0) -> InventoryTree:
     """The inventory tree once the first snapshot is in (or after `timeout` seconds)."""
-    tree = app.screen.query_one(InventoryTree)
+    await _wait_until(pilot, lambda: app.main_screen.is_mounted, timeout)
+    tree = app.main_screen.inventory
     await _wait_until(pilot, lambda: tree.loaded or app.connected is False, timeout)
     return tree
 
@@ -75,6 +144,19 @@ async def _wait_until(pilot: object, condition: object, timeout: float = 5.0) ->
     deadline = loop.time() + timeout
     while not condition() and loop.time() < deadline:  # type: ignore[operator]
         await pilot.pause(0.05)  # type: ignore[attr-defined]
+
+
+async def _some_history(api: EngineAPI) -> None:
+    """A few real jobs, so the jobs screen shows more than the lab's own."""
+    status = await api.status()
+    zone = status["zones"][0]
+    cpvm = next((v["name"] for v in zone["system_vms"] if v["type"] == "cpvm"), None)
+    if cpvm is not None:
+        await api.wait_job((await api.system_vm_action(cpvm, "reboot")).id, 30)
+    guest = zone["networks"][0]["vms"][0]["name"] if zone["networks"] else None
+    if guest is not None:
+        for action in ("stop", "start"):
+            await api.wait_job((await api.guest_vm_action(guest, action)).id, 30)
 
 
 async def _main(out_dir: Path) -> None:
@@ -91,6 +173,7 @@ async def _main(out_dir: Path) -> None:
         job = await engine.wait_job((await engine.lab_up()).id, 120)
         if job.state != "succeeded":
             raise SystemExit(f"the lab did not come up: {job.error}")
+        await _some_history(engine)
         for path in await save_screenshots(engine, out_dir):
             print(path)
     finally:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from textual.geometry import Region
-from textual.widget import Widget
 from textual.widgets import Static
 
 from backend.engine.core import Engine
@@ -15,37 +13,9 @@ from tui_app.screens.help import HelpScreen
 from tui_app.screens.main import MainScreen
 from tui_app.widgets.activity_strip import ActivityStrip, JobRow
 from tui_app.widgets.filter_input import FilterInput
-from tui_app.widgets.inventory_tree import InventoryItem, InventoryTree
 
-SIZE = (80, 24)
-
-
-def text_of(widget: Widget) -> str:
-    """What the widget shows on screen, as plain text."""
-    region = Region(0, 0, *widget.outer_size)
-    return "\n".join(strip.text for strip in widget.render_lines(region))
-
-
-def inventory(app: SysvmApp) -> InventoryTree:
-    return app.query_one("#inventory", InventoryTree)
-
-
-def shown_leaves(tree: InventoryTree) -> list[str]:
-    """Names of the leaf objects that have a node in the tree (i.e. are not filtered out)."""
-    out = []
-    stack = list(tree.root.children)
-    while stack:
-        node = stack.pop(0)
-        stack[:0] = list(node.children)
-        if not node.allow_expand and node.data is not None:
-            out.append(node.data.name)
-    return out
-
-
-def system_vms_of(tree: InventoryTree, zone: str) -> list[InventoryItem]:
-    item = tree.item("group", f"{zone}/system_vms")
-    assert item is not None, f"{zone} has no System VMs group"
-    return item.children
+from .driving import SIZE, all_leaves, inventory, loaded, shown_leaves, system_vms_of
+from .rendered import text_of
 
 
 async def system_vm_id(engine: Engine, name: str) -> int:
@@ -54,13 +24,6 @@ async def system_vm_id(engine: Engine, name: str) -> int:
         if event.name == name:
             return event.entity_id
     raise AssertionError(f"no event names system VM {name}")
-
-
-async def loaded(pilot: Any, app: SysvmApp, wait_until: Any) -> InventoryTree:
-    tree = inventory(app)
-    await wait_until(pilot, lambda: tree.loaded, what="the first status snapshot")
-    await pilot.pause()
-    return tree
 
 
 async def test_tree_shows_both_zones_with_their_ssvm_and_cpvm_running(
@@ -138,7 +101,7 @@ async def test_slash_filter_narrows_the_tree_and_esc_restores_it(
         # A leading ! inverts: everything except what matches.
         await pilot.press("ctrl+u", *"!cpvm")
         await pilot.pause()
-        assert sorted(shown_leaves(tree)) == sorted(set(everything) - set(cpvms))
+        assert sorted(shown_leaves(tree)) == sorted(set(all_leaves(tree)) - set(cpvms))
 
         await pilot.press("escape")
         await pilot.pause()
@@ -269,6 +232,8 @@ async def test_new_guest_vm_gets_one_new_node(lab: Engine, wait_until: Any) -> N
     app = SysvmApp(lab)
     async with app.run_test(size=SIZE) as pilot:
         tree = await loaded(pilot, app, wait_until)
+        tree.expand_path("network", "zone1-net2")
+        await pilot.pause()
         before = {key: item.node for key, item in tree._items.items()}  # noqa: SLF001
         job = await lab.guest_vm_deploy("zone1-net2", "zone1-net2-extra")
         assert (await lab.wait_job(job.id, 30)).state == "succeeded"
@@ -278,6 +243,38 @@ async def test_new_guest_vm_gets_one_new_node(lab: Engine, wait_until: Any) -> N
         await wait_until(pilot, lambda: new.state == "Running", what="the new VM to run")
         assert all(tree._items[k].node is n for k, n in before.items())  # noqa: SLF001
         assert "Running" in str(new.node.label)
+
+
+async def test_nodes_are_made_when_their_parent_is_first_opened(
+    lab: Engine, wait_until: Any
+) -> None:
+    app = SysvmApp(lab)
+    async with app.run_test(size=SIZE) as pilot:
+        tree = await loaded(pilot, app, wait_until)
+        network = tree.item("network", "zone2-net1")
+        assert network is not None and network.node is None, "under a closed Networks group"
+        assert all(c.node is None for c in network.children)
+
+        # A VM deployed there meanwhile is known to the tree, without a node yet.
+        job = await lab.guest_vm_deploy("zone2-net1", "zone2-net1-late")
+        assert (await lab.wait_job(job.id, 30)).state == "succeeded"
+        await wait_until(pilot, lambda: tree.item("guest_vm", "zone2-net1-late") is not None)
+        late = tree.item("guest_vm", "zone2-net1-late")
+        assert late is not None and late.node is None
+
+        # Opening the group, then the network (Enter), makes their nodes, in order.
+        group = tree.item("group", "zone2/networks")
+        assert group is not None and group.node is not None
+        tree.move_cursor(group.node)
+        await pilot.press("enter")
+        assert network.node is not None and not network.node.is_expanded
+        tree.move_cursor(network.node)
+        await pilot.press("enter")
+        await pilot.pause()
+        names = [n.data.name for n in network.node.children]
+        assert names == [c.name for c in network.children]
+        assert names[0].startswith("r-") and names[-1] == "zone2-net1-late"
+        await wait_until(pilot, lambda: "Running" in str(late.node.label))
 
 
 async def test_running_job_shows_in_the_activity_strip(

@@ -34,11 +34,22 @@ def collect_help(screen: Screen[object]) -> list[HelpEntry]:
     each action is listed once with all its keys."""
     app = screen.app
     merged: dict[tuple[str, str], tuple[list[str], Binding, list[str]]] = {}
-    for key, active in screen.active_bindings.items():
+    # Object actions that do not apply to the selected object are still listed: a screen
+    # with `listing_help` set reports them as disabled instead of absent. Read-only mode
+    # still removes them.
+    listing = hasattr(screen, "listing_help")
+    if listing:
+        screen.listing_help = True  # type: ignore[attr-defined]
+    try:
+        active_bindings = screen.active_bindings
+    finally:
+        if listing:
+            screen.listing_help = False  # type: ignore[attr-defined]
+    for key, active in active_bindings.items():
         binding = active.binding
         if binding.system or not binding.description:
             continue
-        section = _section_name(active.node)
+        section = _section_name(active.node, binding)
         display = app.get_key_display(binding.with_key(key))
         keys, _first, ids = merged.setdefault((section, binding.action), ([], binding, []))
         if display not in keys:
@@ -49,7 +60,7 @@ def collect_help(screen: Screen[object]) -> list[HelpEntry]:
         HelpEntry(section, tuple(sorted(keys, key=len)), first.description, tuple(ids))
         for (section, _action), (keys, first, ids) in merged.items()
     ]
-    order = {"Tree": 0, "Console": 1, "Global": 2}
+    order = {"Tree": 0, "Table": 0, "Objects": 1, "Console": 2, "Global": 3}
     entries.sort(key=lambda e: order.get(e.section, 1))
     return entries
 
@@ -73,16 +84,18 @@ def _spaced(tables: list[Table]) -> list[RenderableType]:
     return out
 
 
-def _section_name(node: object) -> str:
+def _section_name(node: object, binding: Binding) -> str:
     from textual.app import App
     from textual.screen import Screen as _Screen
 
     if isinstance(node, App):
         return "Global"
+    if binding.id and binding.id.startswith("object."):
+        return "Objects"
     if isinstance(node, _Screen):
         return "Console"
     name = type(node).__name__
-    return "Tree" if name == "InventoryTree" else name
+    return {"InventoryTree": "Tree", "RecordTable": "Table"}.get(name, name)
 
 
 class HelpScreen(Screen[None]):
@@ -112,7 +125,7 @@ class HelpScreen(Screen[None]):
         with VerticalScroll(id="help-body"):
             yield Static(f"{self.app_title}: keys", id="help-title")
             yield Static(id="help-table")
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self._paint()

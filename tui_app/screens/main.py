@@ -1,4 +1,9 @@
-"""The main screen: inventory tree on the left, details on the right, running jobs below."""
+"""The main screen: inventory tree on the left, details on the right, running jobs below.
+
+Object actions (`s` start/stop, `r` reboot, `D` destroy, `m` migrate, `x` restart network)
+act on the object under the cursor; keys that do not apply to it leave the footer, and in
+read-only mode they are gone altogether.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,24 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static, Tree
 
+from tui_app import object_actions as actions
+from tui_app.object_actions import ActionRequest, NotNow, applies, describe
+from tui_app.screens.confirm import ConfirmScreen
+from tui_app.screens.host_picker import HostChoice, HostPickerScreen
 from tui_app.widgets.activity_strip import ActivityStrip
 from tui_app.widgets.details_pane import DetailsPane
 from tui_app.widgets.filter_input import FilterInput
-from tui_app.widgets.inventory_tree import InventoryItem, InventoryTree
+from tui_app.widgets.inventory_tree import (
+    GROUP,
+    HOST,
+    NETWORK,
+    ROUTER,
+    SYSTEM_VM,
+    ZONE,
+    InventoryItem,
+    InventoryTree,
+    system_vms_on,
+)
 from tui_app.widgets.title_bar import TitleBar
 
 if TYPE_CHECKING:
@@ -23,20 +42,33 @@ if TYPE_CHECKING:
 
 
 EMPTY_HINT = "No zones yet. Build a lab with `sysvm lab up`, or add a zone."
+REPLACED = {
+    "ssvm": "The zone's reconciler starts a new SSVM in its place.",
+    "cpvm": "The zone's reconciler starts a new CPVM in its place.",
+}
 
 
 class MainScreen(Screen[None]):
-    """Zones, system VMs and networks, live; `/` filters, `?` lists the keys."""
+    """Zones, system VMs and networks, live; `/` filters, `:` goes anywhere, `?` lists keys."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "filter", "Filter", id="main.filter"),
         Binding("escape", "back", "Back", show=False, id="main.back"),
+        Binding("s", "start_stop", "Start/stop", id="object.start_stop"),
+        Binding("r", "reboot", "Reboot", id="object.reboot"),
+        Binding("D", "destroy", "Destroy", id="object.destroy"),
+        Binding("m", "migrate", "Migrate", id="object.migrate"),
+        Binding("x", "restart_network", "Restart net", id="object.restart_network"),
+        Binding("J", "scroll_details(3)", "Details down", show=False, id="main.details_down"),
+        Binding("K", "scroll_details(-3)", "Details up", show=False, id="main.details_up"),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self._refetch_pending = False
         self._completed: set[tuple[str, str]] = set()  # items a refetch was already made for
+        self._shown_actions: tuple[str, ...] = ()
+        self.listing_help = False
 
     @property
     def sysvm(self) -> SysvmApp:
@@ -51,13 +83,14 @@ class MainScreen(Screen[None]):
                 yield FilterInput(id="filter")
                 yield Static(EMPTY_HINT, id="empty-hint")
                 yield InventoryTree(ascii=app.ascii, id="inventory")
-            yield DetailsPane(ascii=app.ascii, id="details")
+            yield DetailsPane(ascii=app.ascii, clock=app.clock, id="details")
         yield ActivityStrip(ascii=app.ascii, id="activity")
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self._tree = self.query_one("#inventory", InventoryTree)
         self._strip = self.query_one("#activity", ActivityStrip)
+        self._details = self.query_one("#details", DetailsPane)
         self._tree.focus()
         self.watch(self.app, "connected", self._show_connection)
         self.sysvm.add_engine_listener(self.on_snapshot, self.on_engine_event)
@@ -68,6 +101,14 @@ class MainScreen(Screen[None]):
     @property
     def inventory(self) -> InventoryTree:
         return self._tree
+
+    @property
+    def details(self) -> DetailsPane:
+        return self._details
+
+    @property
+    def strip(self) -> ActivityStrip:
+        return self._strip
 
     # -- engine -----------------------------------------------------------------------------
 
@@ -81,6 +122,8 @@ class MainScreen(Screen[None]):
             self._strip.queue_event(event)
         else:
             self._tree.queue_event(event)
+            if event.entity == "system_vm":
+                self._details.note_event(event)
 
     def _show_connection(self, connected: bool | None) -> None:
         banner = self.query_one("#banner", Static)
@@ -115,14 +158,15 @@ class MainScreen(Screen[None]):
     @on(Tree.NodeHighlighted, "#inventory")
     def _highlighted(self, event: Tree.NodeHighlighted[InventoryItem]) -> None:
         item = event.node.data
-        self.query_one("#details", DetailsPane).show(item)
+        self._details.show(item)
         if item is not None and item.incomplete and item.key not in self._completed:
             self._completed.add(item.key)
             self._refetch_status()
+        self._refresh_action_keys()
 
     @on(InventoryTree.Changed)
     def _tree_changed(self, event: InventoryTree.Changed) -> None:
-        details = self.query_one("#details", DetailsPane)
+        details = self._details
         shown = details.item
         if shown is not None and event.control.item(*shown.key) is not shown:
             details.show(None)  # it was removed
@@ -132,6 +176,154 @@ class MainScreen(Screen[None]):
         self.query_one("#title-bar", TitleBar).set_counts(tree.counts())
         self.query_one("#empty-hint").set_class(tree.loaded and not tree.zones, "-shown")
         tree.ensure_cursor()
+        self._refresh_action_keys()
+
+    def _refresh_action_keys(self) -> None:
+        """Redraw the footer only when the set of keys that apply here changes."""
+        item = self._tree.selected
+        shown = tuple(a for a in sorted(actions.OBJECT_ACTIONS) if applies(a, item))
+        if shown != self._shown_actions:
+            self._shown_actions = shown
+            self.refresh_bindings()
+
+    # -- object actions ---------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in actions.OBJECT_ACTIONS:
+            return self.sysvm.gate(self, action, applies(action, self._selected()))
+        return True
+
+    def _selected(self) -> InventoryItem | None:
+        tree = getattr(self, "_tree", None)
+        return tree.selected if tree is not None else None
+
+    def _submit(self, make: ActionRequest | None) -> None:
+        if make is not None:
+            self.sysvm.submit(make.words, make.call)
+
+    def _request(self, build: object, item: InventoryItem) -> ActionRequest | None:
+        try:
+            return build(item)  # type: ignore[operator,no-any-return]
+        except NotNow as exc:
+            self.app.notify(str(exc), title="not now", severity="warning", timeout=5)
+            return None
+
+    def action_start_stop(self) -> None:
+        item = self._selected()
+        if applies(actions.START_STOP, item):
+            assert item is not None
+            self._submit(self._request(actions.start_stop, item))
+
+    def action_reboot(self) -> None:
+        item = self._selected()
+        if applies(actions.REBOOT, item):
+            assert item is not None
+            self._submit(self._request(actions.reboot, item))
+
+    def action_destroy(self) -> None:
+        item = self._selected()
+        if not applies(actions.DESTROY, item):
+            return
+        assert item is not None
+        request = actions.destroy(item)
+        vm_type = str(item.data.get("type", ""))
+        if item.kind == ROUTER:
+            detail = "While guest VMs run on its network, the reconciler makes a new router."
+        elif item.kind == SYSTEM_VM:
+            detail = REPLACED.get(vm_type, "")
+        else:
+            detail = "Its disk and address are released."
+        question = f"Destroy {describe(item)} in {item.zone}?"
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._submit(request)
+
+        self.app.push_screen(ConfirmScreen(question, detail, verb="Destroy"), answered)
+
+    def action_migrate(self) -> None:
+        item = self._selected()
+        if not applies(actions.MIGRATE, item):
+            return
+        assert item is not None
+        current = item.data.get("host")
+        choices = [
+            HostChoice(h.name, system_vms_on(h))
+            for h in self._zone_hosts(item.zone)
+            if h.state == "Up" and h.name != current
+        ]
+        choices.sort(key=lambda c: (c.system_vms, c.name))
+
+        def chosen(host: str | None) -> None:
+            if host is not None:
+                self._submit(actions.migrate(item, host))
+
+        self.app.push_screen(HostPickerScreen(item.name, current, choices), chosen)
+
+    def action_restart_network(self) -> None:
+        item = self._selected()
+        if not applies(actions.RESTART_NETWORK, item):
+            return
+        assert item is not None
+        request = actions.restart_network(item)
+        network = actions.network_name(item)
+        net_item = self._tree.item("network", network)
+        router = (
+            next((c for c in net_item.children if c.kind == ROUTER), None) if net_item else None
+        )
+        detail = (
+            f"Its router {router.name} is destroyed and a new one is made."
+            if router is not None
+            else "A new router is made."
+        )
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._submit(request)
+
+        self.app.push_screen(
+            ConfirmScreen(f"Restart network {network} with cleanup?", detail, verb="Restart"),
+            answered,
+        )
+
+    def _zone_hosts(self, zone: str) -> list[InventoryItem]:
+        group = self._tree.item(GROUP, f"{zone}/hosts")
+        return [h for h in group.children if h.kind == HOST] if group is not None else []
+
+    def action_scroll_details(self, lines: int) -> None:
+        self._details.scroll_relative(y=lines, animate=False)
+
+    # -- going places -----------------------------------------------------------------------
+
+    def jump_to(self, item: InventoryItem) -> None:
+        """Put the cursor on `item`, clearing a filter that hides it."""
+        tree = self._tree
+        if item.node is None and tree.filter_text:
+            self.query_one("#filter", FilterInput).action_clear_filter()
+            tree.set_filter("")
+        tree.jump_to(item)
+        tree.focus()
+
+    def show_only(self, text: str) -> None:
+        """Filter the tree to `text`, as if typed after `/` and kept with Enter."""
+        box = self.query_one("#filter", FilterInput)
+        box.value = text
+        box.add_class("-open")
+        self._tree.set_filter(text)
+        self._tree.focus()
+
+    def find_router(self, network: str) -> InventoryItem | None:
+        net = self._tree.item(NETWORK, network) or self._tree.find(network)
+        if net is None or net.kind != NETWORK:
+            return None
+        return next((c for c in net.children if c.kind == ROUTER), None)
+
+    def find_zone(self, name: str) -> InventoryItem | None:
+        zone = self._tree.item(ZONE, name)
+        if zone is None:
+            found = self._tree.find(name)
+            zone = found if found is not None and found.kind == ZONE else None
+        return zone
 
     # -- filter -----------------------------------------------------------------------------
 

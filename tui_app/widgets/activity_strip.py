@@ -1,7 +1,8 @@
-"""The bottom strip: one line per running job (kind, target, progress bar, message)."""
+"""The bottom strip: one line per queued or running job (kind, target, progress bar, message)."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 FRAME_SECONDS = 1 / 30
 MAX_ROWS = 3
 RUNNING = "running"
+ACTIVE = frozenset({"queued", RUNNING})
 
 
 class AsciiBar(BarRenderable):
@@ -81,7 +83,8 @@ class JobRow(Horizontal):
 
 
 class ActivityStrip(Vertical):
-    """Running jobs, fed by `load(api.jobs(state="running"))` then by "job" events."""
+    """Queued and running jobs, fed by `load(api.jobs(state="running"))`, by jobs this console
+    submits (`add_job`) and by "job" events."""
 
     DEFAULT_CSS = """
     ActivityStrip {
@@ -100,6 +103,9 @@ class ActivityStrip(Vertical):
         self._rows: dict[int, JobRow] = {}
         self._pending: list[EventRecord] = []
         self._armed = False
+        self._finished: set[int] = set()  # so a job that ended before `add_job` stays out
+        self.history: deque[int] = deque(maxlen=50)
+        """Ids of the last jobs that got a row, oldest first (quick jobs come and go fast)."""
         self.loaded = False
 
     def compose(self) -> ComposeResult:
@@ -111,21 +117,17 @@ class ActivityStrip(Vertical):
 
     def load(self, jobs: list[JobInfo]) -> None:
         """Start from the engine's list of running jobs (replacing what was shown)."""
-        self.jobs = {
-            j.id: {
-                "kind": j.kind,
-                "target": j.target_name,
-                "progress": j.progress,
-                "message": j.message,
-                "state": j.state,
-            }
-            for j in jobs
-            if j.state == RUNNING
-        }
+        self.jobs = {j.id: _job_entry(j) for j in jobs if j.state in ACTIVE}
         self.loaded = True
         self._layout()
         if self._pending:
             self._arm()
+
+    def add_job(self, job: JobInfo) -> None:
+        """Show a job this console just submitted, before its first event arrives."""
+        if job.state in ACTIVE and job.id not in self.jobs and job.id not in self._finished:
+            self.jobs[job.id] = _job_entry(job)
+            self._layout()
 
     def queue_event(self, event: EventRecord) -> None:
         """Take a "job" event; applied with the others of its frame."""
@@ -146,7 +148,7 @@ class ActivityStrip(Vertical):
         for event in events:
             f = event.fields
             state = f.get("state", "")
-            if state == RUNNING:
+            if state in ACTIVE:
                 job = self.jobs.setdefault(event.entity_id, {})
                 job.update(
                     kind=event.name,
@@ -157,6 +159,9 @@ class ActivityStrip(Vertical):
                 )
             else:
                 self.jobs.pop(event.entity_id, None)
+                if len(self._finished) > 1000:
+                    self._finished.clear()
+                self._finished.add(event.entity_id)
                 if state == "failed":
                     what = f"{event.name} {f.get('target_name', '')}".strip()
                     self.app.notify(
@@ -170,6 +175,8 @@ class ActivityStrip(Vertical):
 
     def _layout(self) -> None:
         """Show up to MAX_ROWS jobs (oldest first) and a count of the rest."""
+        if not self.is_mounted or not self.query("#no-jobs"):
+            return  # not composed yet; on_mount lays out
         shown = sorted(self.jobs)[:MAX_ROWS]
         for job_id in [j for j in self._rows if j not in shown]:
             self._rows.pop(job_id).remove()
@@ -179,14 +186,25 @@ class ActivityStrip(Vertical):
             if row is None:
                 row = self._rows[job_id] = JobRow(job_id, ascii=self.ascii)
                 self.mount(row, before=self.query_one("#no-jobs"))
+                self.history.append(job_id)
             row.set(
                 kind=job["kind"],
                 target=job["target"],
                 progress=job["progress"],
-                message=job["message"],
+                message=job["message"] or job["state"],
             )
         self.query_one("#no-jobs").display = not self.jobs
         more = len(self.jobs) - len(shown)
         more_label = self.query_one("#more-jobs", Label)
         more_label.display = more > 0
         more_label.update(f"+{more} more running" if more > 0 else "")
+
+
+def _job_entry(job: JobInfo) -> dict[str, Any]:
+    return {
+        "kind": job.kind,
+        "target": job.target_name,
+        "progress": job.progress,
+        "message": job.message,
+        "state": job.state,
+    }

@@ -1,4 +1,4 @@
-"""The one-line filter box that `/` opens above the inventory tree."""
+"""The one-line filter box that `/` opens above the inventory tree (and the jobs and events tables)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from textual.widgets import Input
 
 
 class FilterInput(Input):
-    """Typing filters the tree as you go; Enter keeps the filter, Esc clears it."""
+    """Typing filters as you go; Enter keeps the filter, Esc clears it."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "clear_filter", "Clear filter", id="filter.clear"),
@@ -34,10 +34,13 @@ class FilterInput(Input):
     class Kept(Message):
         """Enter: keep the filter and go back to the tree."""
 
-    def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(
-            placeholder="filter: name, type, state, IP  (!x inverts, Esc clears)", id=id
-        )
+    def __init__(
+        self,
+        *,
+        placeholder: str = "filter: name, type, state, IP  (!x inverts, Esc clears)",
+        id: str | None = None,
+    ) -> None:
+        super().__init__(placeholder=placeholder, id=id)
 
     def open(self) -> None:
         self.add_class("-open")

@@ -1,7 +1,9 @@
 """The live inventory: zones -> hosts, system VMs, networks -> router and guest VMs.
 
 Built once from `EngineAPI.status()`, then patched in place from events: an event changes the
-label of the one node it names, a "created" event adds one node, a "deleted" event removes one.
+label of the one node it names, a "created" event adds one item (and its node, if its parent is
+open), a "deleted" event removes one. Nodes are made lazily, when their parent is first opened,
+so 10,000 objects cost nodes only for what is on view.
 Events are queued and applied at most once per frame, so a burst of thousands costs one repaint.
 """
 
@@ -17,7 +19,7 @@ from textual.message import Message
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
-from tui_app.widgets.state_badge import state_glyph, state_text
+from tui_app.widgets.state_badge import state_prefix, state_text
 
 if TYPE_CHECKING:
     from backend.api.types import EventRecord, StatusTree
@@ -117,11 +119,11 @@ class InventoryTree(Tree[InventoryItem]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("down", "cursor_down", "Down", show=False, id="tree.cursor_down"),
         Binding("up", "cursor_up", "Up", show=False, id="tree.cursor_up"),
-        Binding("j", "cursor_down", "Move", key_display="j/k", id="tree.cursor_down_vi"),
+        Binding("j", "cursor_down", "Move", show=False, id="tree.cursor_down_vi"),
         Binding("k", "cursor_up", "Up", show=False, id="tree.cursor_up_vi"),
         Binding("g,home", "scroll_home", "Top", show=False, id="tree.top"),
         Binding("G,end", "scroll_end", "Bottom", show=False, id="tree.bottom"),
-        Binding("enter", "select_cursor", "Open/close", id="tree.toggle"),
+        Binding("enter", "select_cursor", "Open/close", show=False, id="tree.toggle"),
     ]
 
     class Changed(Message):
@@ -170,13 +172,46 @@ class InventoryTree(Tree[InventoryItem]):
         return self._items.get((entity, name))
 
     def node_for(self, entity: str, name: str) -> TreeNode[InventoryItem] | None:
-        """The tree node showing (entity, name), or None if unknown or filtered out."""
+        """The tree node showing (entity, name), or None if unknown, filtered out, or under a
+        node that was never opened."""
         item = self._items.get((entity, name))
         return item.node if item else None
 
     @property
     def zones(self) -> list[InventoryItem]:
         return list(self._zones)
+
+    def objects(self) -> Iterator[InventoryItem]:
+        """Every object of the inventory (zones, hosts, VMs, networks; not group headings)."""
+        return (i for i in self._iter_items() if i.kind != GROUP)
+
+    def find(self, name: str) -> InventoryItem | None:
+        """The object called `name` (exact, else case-insensitive, else a unique prefix)."""
+        objects = list(self.objects())
+        for exact in (True, False):
+            for item in objects:
+                if item.name == name if exact else item.name.lower() == name.lower():
+                    return item
+        prefixed = [i for i in objects if i.name.lower().startswith(name.lower())]
+        return prefixed[0] if len(prefixed) == 1 else None
+
+    @property
+    def selected(self) -> InventoryItem | None:
+        """The item under the cursor (None if the tree is empty)."""
+        node = self.cursor_node
+        return node.data if node is not None else None
+
+    def jump_to(self, item: InventoryItem) -> bool:
+        """Open the way to `item` and put the cursor on it; False if it is filtered out."""
+        if self._filter.active and item.node is None:
+            return False  # while filtering, everything shown has its node
+        self.expand_path(*item.key)
+        if item.node is None:
+            return False
+        self.last_line  # noqa: B018 - rebuilds the line index so node lines are current
+        self.move_cursor(item.node, animate=False)
+        self.scroll_to_node(item.node, animate=False)
+        return True
 
     @property
     def filter_text(self) -> str:
@@ -243,7 +278,7 @@ class InventoryTree(Tree[InventoryItem]):
                     placed.add(rname)
                 for vm in net["vms"]:
                     keep("guest_vm", vm["name"], GUEST_VM, n, dict(vm))
-            for vm in zone["system_vms"]:
+            for vm in sorted(zone["system_vms"], key=lambda v: TYPE_ORDER.get(v["type"], 2)):
                 if vm["name"] not in placed:
                     keep("system_vm", vm["name"], SYSTEM_VM, groups["system_vms"], dict(vm))
         for item in [i for k, i in self._items.items() if k not in seen]:
@@ -419,17 +454,15 @@ class InventoryTree(Tree[InventoryItem]):
         item = InventoryItem(key, kind, zone, dict(data), parent)
         item.expanded = kind == ZONE or (kind == GROUP and data.get("group") == "system_vms")
         siblings = parent.children if parent is not None else self._zones
-        first = kind == ROUTER  # a network lists its router before its guest VMs
-        if first:
-            siblings.insert(0, item)
-        else:
-            siblings.append(item)
+        index = _sibling_index(item, siblings)
+        siblings.insert(index, item)
+        last = index == len(siblings) - 1
         self._items[key] = item
         self._dirty_zones.add(zone)
         if parent is not None:
             self._changed.add(parent)  # group counts
         if not self._filter.active:  # while filtering, new items wait for `_sync_all`
-            self._show_item(item, append=not first)
+            self._show_item(item, append=last)
         return item
 
     def _drop(self, item: InventoryItem) -> None:
@@ -446,9 +479,14 @@ class InventoryTree(Tree[InventoryItem]):
     # -- nodes ----------------------------------------------------------------------------------
 
     def _show_item(self, item: InventoryItem, *, append: bool = False) -> None:
-        """Create the node of `item` (its parent's node must exist), in model order."""
+        """Create the node of `item` in model order, if its parent's node exists and is open.
+
+        Nodes are made lazily: what is under a closed node gets one when it is opened
+        (`_materialize`), so a big inventory costs nodes only for what has been seen."""
         parent_node = item.parent.node if item.parent is not None else self.root
         if parent_node is None or item.node is not None:
+            return
+        if item.parent is not None and not parent_node.is_expanded:
             return
         before: TreeNode[InventoryItem] | None = None
         if not append:
@@ -461,6 +499,32 @@ class InventoryTree(Tree[InventoryItem]):
             item.node = parent_node.add(label, item, before=before, expand=expand)
         else:
             item.node = parent_node.add_leaf(label, item, before=before)
+
+    def _materialize(self, item: InventoryItem) -> None:
+        """Give the children of an open container their nodes (and theirs, where open).
+        Not while filtering: then `_sync_all` has given every shown item its node."""
+        node = item.node
+        if node is None or not node.is_expanded or self._filter.active:
+            return
+        for child in item.children:
+            if child.node is None:
+                self._show_item(child)
+            if child.kind in CONTAINERS:
+                self._materialize(child)
+
+    def _toggle_node(self, node: TreeNode[InventoryItem]) -> None:
+        """Enter / click: opening a node first makes the nodes of what it holds."""
+        item = node.data
+        if item is not None and node.allow_expand and not node.is_expanded:
+            node.expand()
+            self._materialize(item)
+            return
+        super()._toggle_node(node)
+
+    def on_tree_node_expanded(self, event: Tree.NodeExpanded[InventoryItem]) -> None:
+        """Opened some other way (shift+space): make the nodes now."""
+        if event.node.data is not None:
+            self._materialize(event.node.data)
 
     def _hide_item(self, item: InventoryItem) -> None:
         """Remove the node of `item` (and its children's); the cursor moves up if it was inside."""
@@ -499,11 +563,12 @@ class InventoryTree(Tree[InventoryItem]):
         cursor = self.cursor_node
         if cursor is None or cursor.data is None:
             return
-        for ancestor in _ancestors(cursor):
+        for ancestor in reversed(list(_ancestors(cursor))):
             if not ancestor.is_root and not ancestor.is_expanded:
                 ancestor.expand()
                 if ancestor.data is not None:
                     ancestor.data.expanded = True
+                    self._materialize(ancestor.data)
 
     def _cursor_to_match(self) -> None:
         """After a filter change: stay on a matching cursor, else go to the first match."""
@@ -532,6 +597,8 @@ class InventoryTree(Tree[InventoryItem]):
                 item.node.expand()
             elif restore_expansion and item.node.is_expanded != item.expanded:
                 item.node.toggle()
+        if item.node is None or (item.kind in CONTAINERS and not item.node.is_expanded):
+            return  # closed (or under something closed): its children get nodes when opened
         for child in item.children:
             self._sync(child, visible, restore_expansion)
 
@@ -606,7 +673,7 @@ class InventoryTree(Tree[InventoryItem]):
             return Text.assemble(item.name, (f" ({len(item.children)})", "dim"))
         if item.kind == NETWORK:
             return Text.assemble(item.name, "  ", (str(d.get("cidr") or ""), "cyan"))
-        parts: list[Any] = [state_glyph(item.state, ascii=self.ascii), " ", item.name]
+        parts: list[Any] = [state_prefix(item.state, ascii=self.ascii), item.name]
         if item.kind in (SYSTEM_VM, ROUTER):
             parts += ["  ", (item.type_word, "dim")]
         parts += ["  ", state_text(item.state)]
@@ -615,13 +682,47 @@ class InventoryTree(Tree[InventoryItem]):
         return Text.assemble(*parts)
 
     def expand_path(self, entity: str, name: str) -> None:
-        """Expand the node of (entity, name) and every node above it."""
+        """Expand the node of (entity, name) and every node above it (making the nodes on the
+        way, top down)."""
         item = self._items.get((entity, name))
+        chain: list[InventoryItem] = []
         while item is not None:
-            item.expanded = True
-            if item.node is not None:
-                item.node.expand()
+            chain.append(item)
             item = item.parent
+        for step in reversed(chain):
+            step.expanded = True
+            if step.node is None:
+                self._show_item(step)
+            if step.node is not None and step.kind in CONTAINERS:
+                if not step.node.is_expanded:
+                    step.node.expand()
+                self._materialize(step)
+
+
+TYPE_ORDER = {"ssvm": 0, "cpvm": 1}
+
+
+def system_vms_on(host: InventoryItem) -> int:
+    """How many system VMs (routers included) of the host's zone the tree places on `host`."""
+    zone = host.parent.parent if host.parent is not None else None
+    if zone is None:
+        return 0
+    return sum(
+        1 for i in zone.walk() if i.kind in (SYSTEM_VM, ROUTER) and i.data.get("host") == host.name
+    )
+
+
+def _sibling_index(item: InventoryItem, siblings: list[InventoryItem]) -> int:
+    """Where a new item goes among its siblings: a network lists its router first; system VMs
+    go SSVMs first, then CPVMs (each in order of arrival); everything else is appended."""
+    if item.kind == ROUTER:
+        return 0
+    if item.kind == SYSTEM_VM:
+        rank = TYPE_ORDER.get(str(item.data.get("type")), 2)
+        for i, sibling in enumerate(siblings):
+            if TYPE_ORDER.get(str(sibling.data.get("type")), 2) > rank:
+                return i
+    return len(siblings)
 
 
 def _ancestors(node: TreeNode[InventoryItem]) -> Iterable[TreeNode[InventoryItem]]:

@@ -58,6 +58,13 @@ def state_glyph(state: str | None, *, ascii: bool = False) -> Text:
     return Text(badge.ascii if ascii else badge.glyph, style=badge.style)
 
 
+def state_prefix(state: str | None, *, ascii: bool = False) -> Text:
+    """The glyph and one space in one coloured run ("● "), to start a label with: as a single
+    run the space survives renderers that drop a leading space of the next run."""
+    badge = badge_for(state)
+    return Text((badge.ascii if ascii else badge.glyph) + " ", style=badge.style)
+
+
 def state_text(state: str | None) -> Text:
     """The state word in its colour ("Running" in green)."""
     badge = badge_for(state)
