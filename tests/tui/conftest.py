@@ -56,11 +56,12 @@ Waiter = Callable[..., Awaitable[None]]
 
 @pytest.fixture
 def wait_until() -> Waiter:
-    """`await wait_until(pilot, condition, timeout=5, what="...")`: let the app run until
-    `condition()` is true; the test fails after `timeout` seconds."""
+    """`await wait_until(pilot, condition, timeout=15, what="...")`: let the app run until
+    `condition()` is true; the test fails after `timeout` seconds (a cap for a loaded CI
+    machine, not a delay: a passing condition returns at once)."""
 
     async def wait(
-        pilot: Pilot[None], condition: Callable[[], object], timeout: float = 5.0, what: str = ""
+        pilot: Pilot[None], condition: Callable[[], object], timeout: float = 15.0, what: str = ""
     ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -166,6 +166,9 @@ async def test_confirm_destroy_80x24(snapshot_engine: Path, snap_compare: SnapCo
         await pilot.pause()
         await pilot.press("D")
         await _until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        # let the screen behind the modal finish its own refresh (details of the VM)
+        await pilot.wait_for_scheduled_animations()
+        await pilot.pause(0.5)
 
     assert await _snap(snap_compare, snapshot_engine, run_before)
 
