@@ -70,6 +70,7 @@ class EventBus:
         self._flush_interval = flush_interval
         self._flusher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
 
     async def start(self) -> None:
         async with self._db.read() as s:
@@ -142,6 +143,12 @@ class EventBus:
         ]
 
     async def flush(self) -> None:
+        """Persist what is pending; returns once everything published so far is stored (a
+        flush already under way is waited for, so a reader never misses its batch)."""
+        async with self._flush_lock:
+            await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
