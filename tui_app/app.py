@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual.app import App
@@ -17,6 +17,7 @@ from backend.errors import EngineUnavailable, SysvmError
 from tui_app.command_line import ObjectName, parse
 from tui_app.commands import ObjectCommands, ViewCommands
 from tui_app.engine_link import EngineLink
+from tui_app.object_actions import JobCall
 from tui_app.screens.command_prompt import CommandPromptScreen
 from tui_app.screens.events import EventsScreen
 from tui_app.screens.help import HelpScreen, collect_help
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 SnapshotListener = Callable[["StatusTree", "list[JobInfo]"], None]
 EventListener = Callable[["EventRecord"], None]
-JobCall = Callable[["EngineAPI"], Awaitable["JobInfo"]]
 
 ASCII_KEYS = {
     "↑": "up",

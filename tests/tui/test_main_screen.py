@@ -243,6 +243,7 @@ async def test_new_guest_vm_gets_one_new_node(lab: Engine, wait_until: Any) -> N
         await wait_until(pilot, lambda: new.state == "Running", what="the new VM to run")
         assert all(tree._items[k].node is n for k, n in before.items())  # noqa: SLF001
         assert "Running" in str(new.node.label)
+        assert app.main_screen.status_rereads == 0, "placed from its event alone"
 
 
 async def test_nodes_are_made_when_their_parent_is_first_opened(

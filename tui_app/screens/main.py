@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 
 EMPTY_HINT = "No zones yet. Build a lab with `sysvm lab up`, or add a zone."
+COUNTS_SECONDS = 0.2
 REPLACED = {
     "ssvm": "The zone's reconciler starts a new SSVM in its place.",
     "cpvm": "The zone's reconciler starts a new CPVM in its place.",
@@ -68,6 +69,8 @@ class MainScreen(Screen[None]):
         self._refetch_pending = False
         self._completed: set[tuple[str, str]] = set()  # items a refetch was already made for
         self._shown_actions: tuple[str, ...] = ()
+        self._counts_pending = False
+        self.status_rereads = 0  # times an event could not be placed without reading status
         self.listing_help = False
 
     @property
@@ -146,6 +149,7 @@ class MainScreen(Screen[None]):
 
     async def _refetch(self) -> None:
         self._refetch_pending = False
+        self.status_rereads += 1
         try:
             status = await self.sysvm.api.status()
         except Exception as exc:
@@ -173,10 +177,17 @@ class MainScreen(Screen[None]):
         else:
             details.refresh_if_showing(event.items)
         tree = event.control
-        self.query_one("#title-bar", TitleBar).set_counts(tree.counts())
+        if not self._counts_pending:
+            # Counting walks every item: at most a few times a second, not once per batch.
+            self._counts_pending = True
+            self.set_timer(COUNTS_SECONDS, self._update_counts)
         self.query_one("#empty-hint").set_class(tree.loaded and not tree.zones, "-shown")
         tree.ensure_cursor()
         self._refresh_action_keys()
+
+    def _update_counts(self) -> None:
+        self._counts_pending = False
+        self.query_one("#title-bar", TitleBar).set_counts(self._tree.counts())
 
     def _refresh_action_keys(self) -> None:
         """Redraw the footer only when the set of keys that apply here changes."""

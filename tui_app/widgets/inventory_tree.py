@@ -254,11 +254,16 @@ class InventoryTree(Tree[InventoryItem]):
             zone = parent.zone if parent is not None else name
             item = self._ensure((entity, name), kind, zone, parent, data)
             seen.add(item.key)
+            if isinstance(data.get("id"), int):  # ids let events name what they are about
+                self._by_id[(entity, data["id"])] = item.key
             return item
 
         for zone in status["zones"]:
             zname = zone["name"]
-            z = keep("zone", zname, ZONE, None, {"name": zname, "state": zone["state"]})
+            zdata = {"name": zname, "state": zone["state"], "id": zone.get("id")}
+            z = keep("zone", zname, ZONE, None, zdata)
+            if isinstance(zone.get("id"), int):
+                self._zone_ids[zone["id"]] = zname
             groups = {
                 g: keep("group", f"{zname}/{g}", GROUP, z, {"name": title, "group": g})
                 for g, title in GROUP_TITLES.items()
@@ -269,8 +274,10 @@ class InventoryTree(Tree[InventoryItem]):
             routers = {v["name"]: dict(v) for v in zone["system_vms"] if v["type"] == "router"}
             placed: set[str] = set()
             for net in zone["networks"]:
-                data = {"name": net["name"], "cidr": net["cidr"]}
+                data = {"name": net["name"], "cidr": net["cidr"], "id": net.get("id")}
                 n = keep("network", net["name"], NETWORK, groups["networks"], data)
+                if isinstance(net.get("id"), int):
+                    self._network_ids[net["id"]] = net["name"]
                 if net["router"] is not None:
                     rname = net["router"]["name"]
                     data = {**routers.get(rname, {}), **net["router"], "type": "router"}
@@ -338,7 +345,7 @@ class InventoryTree(Tree[InventoryItem]):
         if structural and self._filter.active:
             self._sync_all(zones=self._dirty_zones)
         self._dirty_zones = set()
-        self._relabel_changed()
+        self._relabel_changed(always=structural)
         if unplaced:
             self.post_message(self.NeedsStatus())
 
