@@ -100,7 +100,7 @@ async def test_c_cancels_a_running_job_after_asking(
         assert f"Cancel job {job.id} (lab.up lab)?" in screen_text(app)
         await pilot.press("enter")
         await wait_until(
-            pilot, lambda: jobs.jobs[job.id]["state"] == "cancelled", timeout=10, what="cancelled"
+            pilot, lambda: jobs.jobs[job.id]["state"] == "cancelled", timeout=30, what="cancelled"
         )
         assert (await console_engine.job(job.id)).state == "cancelled"
         await pilot.pause()
