@@ -12,6 +12,7 @@ from textual.binding import Binding, BindingType
 from textual.command import CommandPalette, SearchIcon
 from textual.reactive import reactive
 from textual.scrollbar import ScrollBar, ScrollBarRender
+from textual.widgets import Input
 
 from backend.errors import EngineUnavailable, SysvmError
 from tui_app.command_line import ObjectName, parse
@@ -63,7 +64,9 @@ class SysvmApp(App[None]):
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (120, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("question_mark", "help", "Help", id="app.help"),
-        Binding("colon", "command_prompt", "Command", id="app.command"),
+        # A priority binding: the prompt opens before the keys typed after `:` are routed,
+        # so a fast (or pasted) `:zone zone2` lands in it. Not while typing into an input.
+        Binding("colon", "command_prompt", "Command", priority=True, id="app.command"),
         Binding("q", "quit", "Quit", id="app.quit"),
         Binding(
             "ctrl+p",
@@ -251,6 +254,8 @@ class SysvmApp(App[None]):
         return None if getattr(screen, "listing_help", False) else False
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "command_prompt" and isinstance(self.focused, Input):
+            return False  # `:` is a character there (the prompt's own line, a filter)
         return self.allows(action)
 
     def get_key_display(self, binding: Binding) -> str:

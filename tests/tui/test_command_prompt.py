@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from textual import events
 from textual.command import CommandPalette
 
 from backend.engine.core import Engine
@@ -163,3 +164,22 @@ async def test_ctrl_p_palette_finds_any_object_by_name(lab: Engine, wait_until: 
         await wait_until(pilot, lambda: "recent jobs" in screen_text(app))
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, JobsScreen), what="jobs screen")
+
+
+async def test_a_line_typed_at_once_after_colon_is_not_lost(lab: Engine, wait_until: Any) -> None:
+    """As tmux send-keys or a fast typist delivers `:zone zone2⏎`: all keys before the prompt
+    has even been drawn."""
+    app = SysvmApp(lab)
+    async with app.run_test(size=SIZE) as pilot:
+        tree = await loaded(pilot, app, wait_until)
+        keys = [("colon", ":"), *((c, c) for c in "zone"), ("space", " ")]
+        keys += [*((c, c) for c in "zone2"), ("enter", "\r")]
+        for key, char in keys:
+            app._driver.send_message(events.Key(key, char))  # noqa: SLF001 - as the terminal
+        await wait_until(pilot, lambda: tree.selected is tree.item("zone", "zone2"))
+        assert isinstance(app.screen, MainScreen)
+
+        # In an input, `:` is just a character.
+        await pilot.press("slash", "colon")
+        assert app.query_one("#filter", FilterInput).value == ":"
+        assert isinstance(app.screen, MainScreen)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -45,6 +45,8 @@ class CommandInput(Input):
 
 class CommandPromptScreen(ModalScreen[str | None]):
     """Dismisses with the line to run, or None (Esc, or an empty line)."""
+
+    AUTO_FOCUS = "#prompt-input"
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel", id="prompt.cancel"),
@@ -107,6 +109,19 @@ class CommandPromptScreen(ModalScreen[str | None]):
         box = self.query_one("#prompt-input", CommandInput)
         box.focus()
         self._refresh_completions(box.value)
+
+    def on_key(self, event: events.Key) -> None:
+        """Keys typed right after `:`, before the input had the focus (type-ahead, a paste
+        through tmux send-keys): they belong to the line all the same."""
+        box = self.query_one("#prompt-input", CommandInput)
+        if box.has_focus:
+            return
+        if event.key == "enter":
+            event.stop()
+            self.dismiss(self.resolve(box.value))
+        elif event.is_printable and event.character:
+            event.stop()
+            box.insert_text_at_cursor(event.character)
 
     @property
     def line(self) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
@@ -29,6 +29,8 @@ class HostChoice:
 
 class HostPickerScreen(ModalScreen[str | None]):
     """Dismisses with a host name, AUTO_HOST ("") for the engine's choice, or None (Esc)."""
+
+    AUTO_FOCUS = "#picker-hosts"
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel", id="picker.cancel"),
@@ -78,6 +80,14 @@ class HostPickerScreen(ModalScreen[str | None]):
 
     def on_mount(self) -> None:
         self.query_one(OptionList).focus()
+
+    def on_key(self, event: events.Key) -> None:
+        """Enter typed right after `m`, before the list had the focus: take the highlighted."""
+        hosts = self.query_one(OptionList)
+        if event.key == "enter" and not hosts.has_focus and hosts.highlighted is not None:
+            event.stop()
+            choice = hosts.get_option_at_index(hosts.highlighted).id
+            self.dismiss(AUTO_HOST if choice in (AUTO_OPTION, None) else choice)
 
     def action_cursor(self, step: int) -> None:
         hosts = self.query_one(OptionList)
