@@ -178,3 +178,28 @@ async def test_nothing_changed_means_nothing_pending(net_engine: Engine) -> None
     with pytest.raises(InvalidInput) as err:
         await net_engine.router_apply("zone1-net1", confirm_timeout=-1)
     assert err.value.field == "confirm_timeout"
+
+
+async def test_replace_keeps_the_id_and_a_rejected_change_leaves_the_old_rule(
+    net_engine: Engine,
+) -> None:
+    rule = await net_engine.router_rule_add("zone1-net1", "port-forward", PF)
+    # The rule is checked against the others, not against itself: the same port is fine.
+    changed = await net_engine.router_rule_replace(
+        "zone1-net1", rule["id"], "port-forward", PF | {"private_port": 8000}
+    )
+    assert changed["id"] == rule["id"] and changed["private_start_port"] == 8000
+    with pytest.raises(InvalidInput) as err:
+        await net_engine.router_rule_replace(
+            "zone1-net1", rule["id"], "port-forward", PF | {"private_ip": "192.0.2.10"}
+        )
+    assert err.value.field == "private_ip"
+    [kept] = (await net_engine.router_show("zone1-net1"))["rules"]
+    assert kept["id"] == rule["id"] and kept["private_start_port"] == 8000
+    with pytest.raises(NotFound):
+        await net_engine.router_rule_replace("zone1-net1", 9999, "port-forward", PF)
+
+
+async def test_status_tree_reports_router_drift(net_engine: Engine) -> None:
+    [net] = (await net_engine.status())["zones"][0]["networks"]
+    assert net["router"] is not None and net["router"]["drift"] is False

@@ -240,6 +240,15 @@ class RemoteEngine:
     ) -> dict[str, Any]:
         return dict(await self.call("router_rule_add", network=network, type=type, fields=fields))
 
+    async def router_rule_replace(
+        self, network: str, rule_id: int, type: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        return dict(
+            await self.call(
+                "router_rule_replace", network=network, rule_id=rule_id, type=type, fields=fields
+            )
+        )
+
     async def router_rule_delete(self, network: str, rule_id: int) -> dict[str, Any]:
         return dict(await self.call("router_rule_delete", network=network, rule_id=rule_id))
 

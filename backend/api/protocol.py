@@ -28,6 +28,7 @@ MUTATING = frozenset(
         "template_delete",
         "router_apply",
         "router_rule_add",
+        "router_rule_replace",
         "router_rule_delete",
         "host_add",
         "lab_crash",
@@ -173,6 +174,13 @@ class EngineAPI(Protocol):
         """Validate and store a rule (firewall-ingress, firewall-egress, port-forward, static-nat,
         source-nat, load-balancer, dhcp-entry, dns-entry, remote-access-vpn); InvalidInput names
         the field (dotted path). It takes effect with the next apply."""
+        ...
+
+    async def router_rule_replace(
+        self, network: str, rule_id: int, type: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Change rule `rule_id` in place (it keeps its id), validated as `router_rule_add` but
+        against the network's other rules; on InvalidInput the old rule stays as it was."""
         ...
 
     async def router_rule_delete(self, network: str, rule_id: int) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class RouterNode(TypedDict):
     id: int
     name: str
     state: str
+    drift: bool  # what the router last reported live differs from what was applied
 
 
 class GuestVMNode(TypedDict):

@@ -34,6 +34,7 @@ METHODS = (
     "router_apply",
     "router_check",
     "router_rule_add",
+    "router_rule_replace",
     "router_rule_delete",
     "host_add",
     "lab_crash",

@@ -590,6 +590,12 @@ class Engine:
         self._writable(f"add a rule to {network}")
         return await self.routers.add_rule(network, type, fields)
 
+    async def router_rule_replace(
+        self, network: str, rule_id: int, type: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        self._writable(f"change rule {rule_id} of {network}")
+        return await self.routers.replace_rule(network, rule_id, type, fields)
+
     async def router_rule_delete(self, network: str, rule_id: int) -> dict[str, Any]:
         self._writable(f"delete rule {rule_id} of {network}")
         return await self.routers.delete_rule(network, rule_id)

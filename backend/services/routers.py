@@ -88,6 +88,32 @@ class RouterService:
         )
         return {"id": rule_id, "type": rule_type, **stored}
 
+    async def replace_rule(
+        self, network: str, rule_id: int, rule_type: str, fields: object
+    ) -> dict[str, Any]:
+        """Change a rule in place (same id), checked against the network's other rules; when any
+        field is wrong the old rule stays as it was."""
+        if not isinstance(fields, dict):
+            raise InvalidInput("fields", "must be an object of rule fields")
+
+        async def work(s: AsyncSession) -> tuple[dict[str, Any], int]:
+            net = await self._network(s, network)
+            rows, users = await self._rows(s, net.id)
+            row = next((r for r in rows if r.id == rule_id), None)
+            if row is None:
+                raise NotFound(f"network {network} has no rule {rule_id}")
+            others = [r for r in rows if r.id != rule_id]
+            rule = parse_rule(rule_type, fields, _context(net, others, users))
+            row.type = rule_type
+            row.fields = rule.to_fields()
+            return row.fields, net.id
+
+        stored, net_id = await self.engine.db.write(work)
+        self.engine.bus.publish(
+            "router_rule", rule_id, "updated", network, type=rule_type, network_id=net_id
+        )
+        return {"id": rule_id, "type": rule_type, **stored}
+
     async def delete_rule(self, network: str, rule_id: int) -> dict[str, Any]:
         async def work(s: AsyncSession) -> int:
             net = await self._network(s, network)
@@ -279,6 +305,7 @@ class RouterService:
         answer = await self._call(router, endpoint, "sysvm-router boot", net.router_bundle)
         live = str(answer.get("live_digest", ""))
         expected = str(answer.get("expected_live_digest") or live)
+        name = net.name
 
         async def work(s: AsyncSession) -> None:
             row = await s.get(GuestNetwork, network_id)
@@ -287,6 +314,7 @@ class RouterService:
             row.router_expected_live = expected
 
         await self.engine.db.write(work)
+        self.engine.bus.publish("network", network_id, "updated", name, drift=live != expected)
 
     async def check(self, network: str) -> dict[str, Any]:
         """Read back what is live on the router and compare it with what was applied."""

@@ -63,7 +63,7 @@ async def status_tree(s: AsyncSession) -> StatusTree:
     router_of: dict[int, RouterNode] = {}
     for v in svms:
         if v.type == SystemVMType.ROUTER.value and v.network_id is not None:
-            router_of[v.network_id] = {"id": v.id, "name": v.name, "state": v.state}
+            router_of[v.network_id] = {"id": v.id, "name": v.name, "state": v.state, "drift": False}
         svms_by_zone[v.zone_id].append(
             {
                 "id": v.id,
@@ -81,12 +81,16 @@ async def status_tree(s: AsyncSession) -> StatusTree:
         )
     nets_by_zone: dict[int, list[NetworkNode]] = defaultdict(list)
     for n in nets:
+        router = router_of.get(n.id)
+        if router is not None:
+            live = n.router_live_digest
+            router["drift"] = bool(live) and live != n.router_expected_live
         nets_by_zone[n.zone_id].append(
             {
                 "id": n.id,
                 "name": n.name,
                 "cidr": n.cidr,
-                "router": router_of.get(n.id),
+                "router": router,
                 "vms": vms_by_net.get(n.id, []),
             }
         )
