@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     tui.add_argument(
         "--ascii", action="store_true", default=None, help="ASCII instead of box drawing and icons"
     )
+    tui.add_argument(
+        "--theme",
+        help="colours: ansi (the terminal's own palette, the default) or a Textual theme such as "
+        "textual-dark, nord, gruvbox; NO_COLOR=1 in the environment turns colour off",
+    )
 
     st = sub.add_parser("status", help="print the tree of zones, system VMs, networks and VMs")
     st.add_argument("--json", action="store_true", help="stable JSON (shape in README)")
@@ -276,6 +281,8 @@ def _config(args: argparse.Namespace) -> Config:
         flags["read_only"] = (True, "--read-only")
     if getattr(args, "ascii", None):
         flags["ascii"] = (True, "--ascii")
+    if getattr(args, "theme", None):
+        flags["theme"] = (args.theme, "--theme")
     return load_config(home=home, flags=flags)
 
 
@@ -654,11 +661,28 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
         return 0
     if cmd == "tui":
         from tui_app.app import SysvmApp
+        from tui_app.themes import console_theme
 
-        app = SysvmApp(api, read_only=bool(config["read_only"]), ascii=bool(config["ascii"]))
+        app = SysvmApp(
+            api,
+            read_only=bool(config["read_only"]),
+            ascii=bool(config["ascii"]),
+            keymap=config.keys,
+            theme=console_theme(str(config["theme"])),
+        )
         await app.run_async()
         return 0
     raise SysvmError(f"unknown command {cmd}")
+
+
+def _prepare_console(config: Config) -> None:
+    """Before the console connects: refuse a bad theme, and send its logs to `tui.log`."""
+    from backend.log_file import log_to_file
+    from tui_app.themes import console_theme
+
+    console_theme(str(config["theme"]), config.sources["theme"])
+    config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_to_file(config.home / "tui.log", str(config["log.level"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -682,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 return EXIT_ALREADY_RUNNING
             return 0
+        if args.command == "tui":
+            _prepare_console(config)
         return asyncio.run(_client_command(args, config))
     except SysvmError as exc:
         print(f"sysvm: {exc}", file=sys.stderr)

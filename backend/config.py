@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,6 +25,10 @@ APP_NAME = "sysvm"
 HOME_ENV = "SYSVM_HOME"
 ENV_PREFIX = "SYSVM_"
 CONFIG_FILE_NAME = "config.toml"
+KEYS_TABLE = "keys"
+"""The config file's table remapping console keys: `[keys]` then `"object.destroy" = "X"`."""
+KEY_NAMES = re.compile(r"[A-Za-z0-9_+\-]+(,[A-Za-z0-9_+\-]+)*")
+"""Textual key names, comma separated: `X`, `ctrl+x`, `f2`, `semicolon`, `j,down`."""
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -46,7 +50,13 @@ class Setting:
 _ALL_SETTINGS = (
     Setting("read_only", bool, False, "refuse every mutating request"),
     Setting("ascii", bool, False, "ASCII instead of box drawing and icons"),
-    Setting("theme", str, "ansi", "Textual theme of the console"),
+    Setting(
+        "theme",
+        str,
+        "ansi",
+        "console colours: ansi (the terminal's palette) or a Textual theme, e.g. nord",
+        pattern=r"[a-z0-9-]{1,40}",
+    ),
     Setting(
         "log.level",
         str,
@@ -163,6 +173,8 @@ class Config:
     values: dict[str, Any]
     sources: dict[str, str]
     file: Path | None = None  # the config file that was read, if any
+    keys: dict[str, str] = field(default_factory=dict)
+    """The console's key bindings remapped by the file's `[keys]` table: binding id -> keys."""
 
     def get(self, key: str) -> Any:
         """The value of a known setting; an unknown key raises ConfigError."""
@@ -183,6 +195,14 @@ class Config:
                 "help": SETTINGS[key].help if key in SETTINGS else "",
             }
             for key in sorted(self.values)
+        ] + [
+            {
+                "key": f"{KEYS_TABLE}.{binding}",
+                "value": keys,
+                "source": f"file:{self.file}",
+                "help": "key binding (see ? in the console)",
+            }
+            for binding, keys in sorted(self.keys.items())
         ]
 
 
@@ -231,9 +251,11 @@ def load_config(
 
     path = config_file_path(home, env)
     read_from: Path | None = None
+    keys: dict[str, str] = {}
     if path.exists():
         read_from = path.absolute()
-        for key, value in _read_file(read_from).items():
+        settings, keys = _read_file(read_from)
+        for key, value in settings.items():
             values[key] = value
             sources[key] = f"file:{read_from}"
 
@@ -256,11 +278,11 @@ def load_config(
             values[key] = _coerce_typed(SETTINGS[key], value, flag, todo)
         sources[key] = f"flag:{flag}"
 
-    return Config(home=home, values=values, sources=sources, file=read_from)
+    return Config(home=home, values=values, sources=sources, file=read_from, keys=keys)
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    """Parse and validate the TOML config file into {dotted key: value}."""
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse and validate the TOML config file into ({dotted key: value}, {binding id: keys})."""
     try:
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -269,9 +291,35 @@ def _read_file(path: Path) -> dict[str, Any]:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}; fix the syntax there") from exc
+    keys = _keys_table(document.pop(KEYS_TABLE, {}), path)
     found: dict[str, Any] = {}
     _flatten(document, "", path, found)
-    return found
+    return found, keys
+
+
+def _keys_table(table: Any, path: Path, prefix: str = "") -> dict[str, str]:
+    """Check `[keys]`: binding ids mapped to Textual key names (the console reports unknown ids).
+
+    `object.destroy = "X"` (a TOML dotted key) and `"object.destroy" = "X"` mean the same.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f'{path}: \'{KEYS_TABLE}\' must be a table ([keys] then "object.destroy" = "X"); '
+            "fix or delete it"
+        )
+    keys: dict[str, str] = {}
+    for name, value in table.items():
+        binding = prefix + name
+        if isinstance(value, dict):
+            keys.update(_keys_table(value, path, binding + "."))
+        elif isinstance(value, str) and KEY_NAMES.fullmatch(value):
+            keys[binding] = value
+        else:
+            raise ConfigError(
+                f"{path}: {KEYS_TABLE}.{binding} = {_show(value)} is not a key name; "
+                'expected e.g. "X", "ctrl+x", "f2" or "j,down"'
+            )
+    return keys
 
 
 def _flatten(table: Mapping[str, Any], prefix: str, path: Path, found: dict[str, Any]) -> None:

@@ -347,3 +347,44 @@ def test_config_can_be_built_directly() -> None:
     config = Config(home=Path("/x"), values={"ascii": True}, sources={"ascii": "default"})
     assert config["ascii"] is True
     assert config.file is None
+
+
+def test_keys_table_remaps_bindings_in_either_toml_spelling(home: Path) -> None:
+    write_config(
+        home, '[keys]\n"object.destroy" = "X"\nmain.filter = "f"\napp.command = "j,down"\n'
+    )
+    config = load_config(home=home, env={})
+    assert config.keys == {"object.destroy": "X", "main.filter": "f", "app.command": "j,down"}
+    rows = {r["key"]: r for r in config.describe()}
+    assert rows["keys.object.destroy"]["value"] == "X"
+    assert rows["keys.object.destroy"]["source"].startswith("file:")
+
+
+def test_no_keys_table_means_no_remapping(home: Path) -> None:
+    write_config(home, "read_only = true\n")
+    assert load_config(home=home, env={}).keys == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[keys]\n"object.destroy" = "rm -rf"\n', "keys.object.destroy = 'rm -rf' is not a key"),
+        ('[keys]\n"object.destroy" = 3\n', "keys.object.destroy = 3 is not a key name"),
+        ('[keys]\n"object.destroy" = ""\n', "keys.object.destroy = '' is not a key name"),
+        ('keys = "X"\n', "'keys' must be a table"),
+    ],
+)
+def test_bad_keys_table_is_an_error_naming_the_binding(
+    home: Path, text: str, fragment: str
+) -> None:
+    path = write_config(home, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(home=home, env={})
+    assert str(path) in str(err.value)
+    assert fragment in str(err.value)
+
+
+def test_theme_setting_defaults_to_the_terminal_palette(home: Path) -> None:
+    assert load_config(home=home, env={})["theme"] == "ansi"
+    with pytest.raises(ConfigError, match="SYSVM_THEME"):
+        load_config(home=home, env={"SYSVM_THEME": "no such theme; rm"})

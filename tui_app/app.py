@@ -97,10 +97,15 @@ class SysvmApp(App[None]):
         title: str = "sysvm",
         keymap: dict[str, str] | None = None,
         clock: bool = True,
+        theme: str | None = None,
     ) -> None:
         """`keymap` maps binding ids (see `?` or `binding_ids()`) to keys, e.g.
-        {"object.destroy": "X"}; `clock=False` leaves out uptimes and times (for screenshots)."""
+        {"object.destroy": "X"}; `clock=False` leaves out uptimes and times (for screenshots);
+        `theme` is a Textual theme name (see `tui_app.themes`; None keeps Textual's default, which
+        the snapshots and screenshots use so they look the same on every terminal)."""
         super().__init__()
+        if theme is not None:
+            self.theme = theme
         self.api = api
         self.read_only = read_only
         self.ascii = ascii

@@ -23,6 +23,7 @@ from backend.api.server import ApiServer
 from backend.config import Config
 from backend.engine.core import Engine
 from backend.errors import EngineAlreadyRunning, SysvmError
+from backend.log_file import log_to_file
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,7 @@ class EngineLock:
 
 def setup_logging(home: Path, level: str) -> None:
     """Engine logs go to `engine.log` under the home, never to a terminal."""
-    handler = logging.FileHandler(home / "engine.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("asyncssh").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
+    log_to_file(home / "engine.log", level)
 
 
 async def serve(config: Config) -> None:
