@@ -332,6 +332,8 @@ class SysvmApp(App[None]):
         elif word in ("ssvm", "cpvm") or (word == "router" and not arg):
             self.back_to_main()
             main.show_only(word)
+        elif word == "rules":
+            self.open_rules(arg)
         elif word == "router":
             router = main.find_router(arg)
             if router is None:
@@ -340,6 +342,17 @@ class SysvmApp(App[None]):
                 self.go_to(router)
         else:
             self.jump_to_name(arg)
+
+    def open_rules(self, name: str) -> None:
+        """The router rules screen of network `name` (or of the network of router `name`)."""
+        from tui_app.screens.router_rules import RouterRulesScreen
+
+        network = self.main_screen.find_network(name) if name else None
+        if network is None:
+            self._warn(f"no network {name}" if name else "name a network, e.g. :rules zone1-net1")
+            return
+        self.back_to_main()
+        self.push_screen(RouterRulesScreen(network))
 
     def jump_to_name(self, name: str) -> None:
         item = self.main_screen.inventory.find(name)
@@ -396,9 +409,13 @@ def binding_ids() -> set[str]:
     from tui_app.screens.confirm import ConfirmScreen
     from tui_app.screens.host_picker import HostPickerScreen
     from tui_app.screens.job_details import JobDetailsScreen
+    from tui_app.screens.router_diff import RouterDiffScreen
+    from tui_app.screens.router_rules import RouterRulesScreen
+    from tui_app.screens.rule_form import RuleFormScreen
     from tui_app.widgets.filter_input import FilterInput
     from tui_app.widgets.inventory_tree import InventoryTree
     from tui_app.widgets.record_table import RecordTable
+    from tui_app.widgets.rule_table import RuleTable
 
     ids: set[str] = set()
     for cls in (
@@ -407,6 +424,9 @@ def binding_ids() -> set[str]:
         HelpScreen,
         JobsScreen,
         EventsScreen,
+        RouterRulesScreen,
+        RuleFormScreen,
+        RouterDiffScreen,
         ConfirmScreen,
         HostPickerScreen,
         JobDetailsScreen,
@@ -415,6 +435,7 @@ def binding_ids() -> set[str]:
         FilterInput,
         InventoryTree,
         RecordTable,
+        RuleTable,
         Tree,
         DataTable,
     ):

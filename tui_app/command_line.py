@@ -1,7 +1,7 @@
 """The `:` command language: what the words mean and how a half-typed line completes.
 
-`:zone z1`, `:ssvm`, `:cpvm`, `:router [NET]`, `:jobs`, `:events`, `:templates`, `:help`,
-`:q`, and `:NAME` for any object. Parsing and completion are pure, so they are tested
+`:zone z1`, `:ssvm`, `:cpvm`, `:router [NET]`, `:rules NET`, `:jobs`, `:events`, `:templates`,
+`:help`, `:q`, and `:NAME` for any object. Parsing and completion are pure, so they are tested
 without a screen; `SysvmApp.run_command` carries the result out.
 """
 
@@ -28,6 +28,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("ssvm", "", "show only SSVMs"),
     CommandSpec("cpvm", "", "show only CPVMs"),
     CommandSpec("router", "[NETWORK]", "show only routers, or go to a network's router"),
+    CommandSpec("rules", "NETWORK", "edit a network's router rules", argument_required=True),
     CommandSpec("jobs", "", "recent jobs"),
     CommandSpec("events", "", "the live event log"),
     CommandSpec("templates", "", "templates (not built yet)"),
@@ -78,14 +79,14 @@ def parse(line: str) -> Command:
 
 def complete(line: str, objects: Iterable[ObjectName]) -> list[Completion]:
     """What `line` may become: command words and object names that start with it, or, after
-    `zone ` / `router `, the zones / networks that do."""
+    `zone ` / `router ` / `rules `, the zones / networks that do."""
     text = line.lstrip(":")
     word, space, rest = text.partition(" ")
     low = word.lower()
     if space:
         if low == "zone":
             return _names(f"{low} ", rest, (o for o in objects if o.kind == "zone"))
-        if low == "router":
+        if low in ("router", "rules"):
             return _names(f"{low} ", rest, (o for o in objects if o.kind == "network"))
         return []
     out = [

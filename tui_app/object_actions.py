@@ -17,12 +17,13 @@ if TYPE_CHECKING:
     from backend.api.protocol import EngineAPI
     from backend.api.types import JobInfo
 
-START_STOP, REBOOT, DESTROY, MIGRATE, RESTART_NETWORK = (
+START_STOP, REBOOT, DESTROY, MIGRATE, RESTART_NETWORK, EDIT_RULES = (
     "start_stop",
     "reboot",
     "destroy",
     "migrate",
     "restart_network",
+    "edit_rules",
 )
 
 APPLIES_TO: dict[str, frozenset[str]] = {
@@ -31,6 +32,7 @@ APPLIES_TO: dict[str, frozenset[str]] = {
     DESTROY: frozenset({SYSTEM_VM, ROUTER, GUEST_VM}),
     MIGRATE: frozenset({SYSTEM_VM, ROUTER}),
     RESTART_NETWORK: frozenset({NETWORK, ROUTER}),
+    EDIT_RULES: frozenset({NETWORK, ROUTER}),
 }
 """Action name -> the kinds of inventory item it works on."""
 
@@ -66,7 +68,7 @@ def describe(item: InventoryItem) -> str:
 
 
 def network_name(item: InventoryItem) -> str:
-    """The network an `x` on this item restarts: the network itself, or the router's."""
+    """The network an `x` (or `e`) on this item works on: the network itself, or the router's."""
     if item.kind == ROUTER and item.parent is not None:
         return item.parent.name
     return item.name

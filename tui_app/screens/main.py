@@ -1,8 +1,8 @@
 """The main screen: inventory tree on the left, details on the right, running jobs below.
 
-Object actions (`s` start/stop, `r` reboot, `D` destroy, `m` migrate, `x` restart network)
-act on the object under the cursor; keys that do not apply to it leave the footer, and in
-read-only mode they are gone altogether.
+Object actions (`s` start/stop, `r` reboot, `D` destroy, `m` migrate, `x` restart network,
+`e` router rules) act on the object under the cursor; keys that do not apply to it leave the
+footer, and in read-only mode the mutating ones are gone altogether.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class MainScreen(Screen[None]):
         Binding("D", "destroy", "Destroy", id="object.destroy"),
         Binding("m", "migrate", "Migrate", id="object.migrate"),
         Binding("x", "restart_network", "Restart net", id="object.restart_network"),
+        Binding("e", "edit_rules", "Rules", id="object.edit_rules"),
         Binding("J", "scroll_details(3)", "Details down", show=False, id="main.details_down"),
         Binding("K", "scroll_details(-3)", "Details up", show=False, id="main.details_up"),
     ]
@@ -297,6 +298,12 @@ class MainScreen(Screen[None]):
             answered,
         )
 
+    def action_edit_rules(self) -> None:
+        item = self._selected()
+        if applies(actions.EDIT_RULES, item):
+            assert item is not None
+            self.sysvm.open_rules(actions.network_name(item))
+
     def _zone_hosts(self, zone: str) -> list[InventoryItem]:
         group = self._tree.item(GROUP, f"{zone}/hosts")
         return [h for h in group.children if h.kind == HOST] if group is not None else []
@@ -328,6 +335,13 @@ class MainScreen(Screen[None]):
         if net is None or net.kind != NETWORK:
             return None
         return next((c for c in net.children if c.kind == ROUTER), None)
+
+    def find_network(self, name: str) -> str | None:
+        """The name of network `name`, or of the network whose router is `name`."""
+        item = self._tree.item(NETWORK, name) or self._tree.find(name)
+        if item is not None and item.kind == ROUTER and item.parent is not None:
+            item = item.parent
+        return item.name if item is not None and item.kind == NETWORK else None
 
     def find_zone(self, name: str) -> InventoryItem | None:
         zone = self._tree.item(ZONE, name)

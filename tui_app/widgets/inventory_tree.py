@@ -81,6 +81,8 @@ class InventoryItem:
         """What a filter matches: name, type, state and addresses (lower case)."""
         words = [self.name, self.type_word, self.data.get("type"), self.state]
         words += [self.data.get(k) for k in ("ip", "control_ip", "cidr")]
+        if self.data.get("drift"):
+            words.append("drift")
         return " ".join(str(w) for w in words if w).lower()
 
     def walk(self) -> Iterator[InventoryItem]:
@@ -365,6 +367,8 @@ class InventoryTree(Tree[InventoryItem]):
         if item is None:
             return "structural" if self._place(event) else "unplaced"
         changes = {k: v for k, v in fields.items() if not k.endswith("_id")}
+        if item.kind == NETWORK and "drift" in changes:
+            self._router_drift(item, bool(changes["drift"]))
         if any(item.data.get(k) != v for k, v in changes.items()):
             item.data.update(changes)
             self._changed.add(item)
@@ -372,6 +376,13 @@ class InventoryTree(Tree[InventoryItem]):
                 self._dirty_zones.add(item.zone)
                 return "structural"  # it may now match the filter, or no longer
         return "updated"
+
+    def _router_drift(self, network: InventoryItem, drift: bool) -> None:
+        """A network event says whether its router drifted: the router's node shows it."""
+        for child in network.children:
+            if child.kind == ROUTER and child.data.get("drift") != drift:
+                child.data["drift"] = drift
+                self._changed.add(child)
 
     def _find(self, event: EventRecord) -> InventoryItem | None:
         """The item an event is about: by name, else by an id learned from earlier events."""
@@ -684,6 +695,8 @@ class InventoryTree(Tree[InventoryItem]):
         if item.kind in (SYSTEM_VM, ROUTER):
             parts += ["  ", (item.type_word, "dim")]
         parts += ["  ", state_text(item.state)]
+        if item.kind == ROUTER and d.get("drift"):
+            parts += ["  ", ("! drift" if self.ascii else "≠ drift", "bold red")]
         if item.kind == GUEST_VM and d.get("ip"):
             parts += ["  ", (str(d["ip"]), "cyan")]
         return Text.assemble(*parts)

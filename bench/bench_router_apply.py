@@ -1,0 +1,320 @@
+"""Router applies over SSH into a real network namespace, against one `iptables` call per rule.
+
+For each iptables variant present (legacy first, then the default nft one), a router of the lab's
+guest host process (a separate process, as a real router is) runs in netns mode in a fresh
+namespace and is driven over real SSH exactly as the engine drives it:
+- full apply of a 10,000-rule bundle end to end (render, transfer, test, restore, answer), on a
+  fresh router each round;
+- one-rule change of that router (a `--noflush` delta), several rounds;
+and the baseline of the same run: the same ruleset loaded with one `iptables -A` per rule (the way
+CloudStack's CsNetfilter.py works), in a fresh namespace.
+
+Then 100 routers of one engine (a lab, local back end) apply a changed bundle at once while the
+engine's event loop is sampled for stalls.
+
+Prints one JSON object. Medians are quoted; ratios compare with the baseline of the same run.
+Needs root (network namespaces); `--rules N` and `--rounds N` shrink the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+logging.basicConfig(
+    level=logging.ERROR, filename=tempfile.mktemp(prefix="sysvm-bench-", suffix=".log")
+)
+
+from backend.appliance.router.netfilter import render_ruleset  # noqa: E402
+from backend.config import load_config  # noqa: E402
+from backend.engine.core import Engine  # noqa: E402
+from backend.router.bundle import RouterBundle  # noqa: E402
+from backend.transport.ssh import (  # noqa: E402
+    SystemVMTransport,
+    generate_keypair,
+    load_client_key,
+    new_host_key,
+)
+from bench.loop_lag import LoopLag  # noqa: E402
+from tests.test_router_render import big_bundle, one_rule_changed  # noqa: E402
+
+ROUTERS = 100
+
+
+def ns(name: str, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", name, *argv], input=stdin, capture_output=True, text=True
+    )
+
+
+@contextmanager
+def namespace() -> Iterator[str]:
+    """A fresh namespace with the router's three NICs (veth pairs inside it: no dummy module)."""
+    name = f"rtbench-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for ifname in ("eth0", "eth1", "eth2"):
+            made = ns(name, "ip", "link", "add", ifname, "type", "veth", "peer", f"{ifname}p")
+            assert made.returncode == 0, made.stderr
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+class GuestHost:
+    """The lab's guest host process, asked to boot routers in namespaces."""
+
+    def __init__(self, key: Path) -> None:
+        self.key = key
+        self.proc: asyncio.subprocess.Process | None = None
+        self.next_id = 0
+
+    async def __aenter__(self) -> GuestHost:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "backend.lab.guest_host",
+            str(self.key.with_suffix(".pub")),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.close()
+        await self.proc.wait()
+
+    async def request(self, **req: Any) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        self.next_id += 1
+        self.proc.stdin.write((json.dumps({"id": self.next_id, **req}) + "\n").encode())
+        await self.proc.stdin.drain()
+        answer = json.loads(await self.proc.stdout.readline())
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return dict(answer)
+
+
+@asynccontextmanager
+async def router_in(
+    host: GuestHost, transport: SystemVMTransport, netns: str, variant: str, root: Path
+) -> AsyncIterator[Any]:
+    name = f"r-{uuid.uuid4().hex[:6]}-VM"
+    private, public = new_host_key()
+    booted = await host.request(
+        op="boot",
+        vm=name,
+        host_key=private,
+        boot_args={"type": "router"},
+        router_root=str(root / name),
+        netns=netns,
+        iptables=variant,
+    )
+
+    async def call(command: str, stdin: str | None = None) -> tuple[float, dict[str, Any]]:
+        start = time.perf_counter()
+        done = await transport.run(
+            "127.0.0.1", booted["port"], public, f"sysvm-router {command}", stdin
+        )
+        elapsed = time.perf_counter() - start
+        assert done.exit_status == 0, (done.stdout, done.stderr)
+        return elapsed, json.loads(done.stdout.splitlines()[-1])
+
+    await call("show")  # connection up and applier loaded: time the work, not the setup
+    try:
+        yield call
+    finally:
+        await host.request(op="halt", vm=name)
+
+
+def per_rule_baseline(bundle: RouterBundle, variant: str) -> dict[str, Any]:
+    """The ruleset of `bundle` loaded one `iptables` call per chain and rule, in a fresh ns."""
+    ruleset = render_ruleset(bundle)
+    tool = variant  # iptables | iptables-legacy
+    calls: list[list[str]] = []
+    table = ""
+    for line in ruleset.restore_text().splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":"):
+            chain, policy = line[1:].split()[:2]
+            if policy == "-":
+                calls.append(["-t", table, "-N", chain])
+        elif line.startswith("-A "):
+            calls.append(["-t", table, *_split(line)])
+    with namespace() as name:
+        start = time.perf_counter()
+        for argv in calls:
+            done = ns(name, tool, "-w", *argv)
+            assert done.returncode == 0, (argv, done.returncode, done.stderr)
+        elapsed = time.perf_counter() - start
+    return {"calls": len(calls), "wall_s": round(elapsed, 2)}
+
+
+def _split(line: str) -> list[str]:
+    import shlex
+
+    return shlex.split(line)
+
+
+async def netns_variant(
+    host: GuestHost, transport: SystemVMTransport, variant: str, rounds: int, rules: int
+) -> dict[str, Any]:
+    big = big_bundle() if rules >= 10_000 else _smaller(rules)
+    text = big.to_json()
+    root = Path(tempfile.mkdtemp(prefix="sysvm-bench-routers-"))
+    fulls: list[float] = []
+    inside: list[dict[str, float]] = []
+    for _ in range(rounds):
+        with namespace() as name:
+            async with router_in(host, transport, name, variant, root) as call:
+                t, answer = await call("apply", text)
+                assert answer["iptables"] == "full" and not answer["drift"], answer
+                fulls.append(t)
+                inside.append(answer["timings_ms"])
+    deltas: list[float] = []
+    delta_inside: list[dict[str, float]] = []
+    with namespace() as name:
+        async with router_in(host, transport, name, variant, root) as call:
+            await call("apply", text)
+            current = big
+            for i in range(rounds * 2):
+                current = one_rule_changed(current, 1, start_port=50_000 + i, end_port=50_010 + i)
+                t, answer = await call("apply", current.to_json())
+                assert answer["iptables"] == "delta" and not answer["drift"], answer
+                deltas.append(t)
+                delta_inside.append(answer["timings_ms"])
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        "bundle_bytes": len(text),
+        "full_apply_s": _median(fulls),
+        "full_apply_runs_s": [round(x, 3) for x in fulls],
+        "full_inside_router_ms": _median_parts(inside),
+        "one_rule_change_s": _median(deltas),
+        "one_rule_inside_router_ms": _median_parts(delta_inside),
+    }
+
+
+def _smaller(rules: int) -> RouterBundle:
+    from tests.test_router_render import ten_thousand_rules
+
+    big = big_bundle()
+    return RouterBundle.create(
+        version=1,
+        network=big.network,
+        addresses=big.addresses,
+        rules=ten_thousand_rules()[:rules],
+    )
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def _median_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    keys = parts[0].keys()
+    return {k: round(statistics.median(p.get(k, 0.0) for p in parts), 1) for k in keys}
+
+
+async def many_routers(count: int) -> dict[str, Any]:
+    """`count` routers of one engine apply at once; the engine's loop is sampled meanwhile."""
+    home = Path(tempfile.mkdtemp(prefix="sysvm-bench-"))
+    zones = (count + 1) // 2
+    engine = Engine(load_config(home=home, env={"SYSVM_HOME": str(home)}))
+    await engine.start()
+    try:
+        job = await engine.lab_up(zones=zones, hosts=1, networks=2, vms=1)
+        job = await engine.wait_job(job.id, 1800)
+        assert job.state == "succeeded", job.error
+        tree = await engine.status()
+        networks = [n["name"] for z in tree["zones"] for n in z["networks"]][:count]
+        for i, net in enumerate(networks):
+            public_ip = (await engine.router_show(net))["public_ip"]
+            await engine.router_rule_add(
+                net,
+                "firewall-ingress",
+                {
+                    "public_ip": public_ip,
+                    "protocol": "tcp",
+                    "start_port": 1000 + i,
+                    "source_cidrs": ["0.0.0.0/0"],
+                },
+            )
+        with LoopLag() as idle:
+            await asyncio.sleep(2)
+        start = time.perf_counter()
+        with LoopLag() as busy:
+            jobs = await asyncio.gather(
+                *(engine.router_apply(net, confirm_timeout=30) for net in networks)
+            )
+            finished = await asyncio.gather(*(engine.wait_job(j.id, 600) for j in jobs))
+        wall = time.perf_counter() - start
+        failed = [j.error for j in finished if j.state != "succeeded"]
+        assert not failed, failed[:3]
+        return {
+            "routers": len(networks),
+            "wall_s": round(wall, 2),
+            "loop_stall": busy.summary(),
+            "idle_loop_stall": idle.summary(),
+        }
+    finally:
+        await engine.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--routers", type=int, default=ROUTERS)
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+    out: dict[str, Any] = {"name": "router_apply", "figures": {}, "baseline": {}, "ratio": {}}
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        out["skipped_netns"] = "needs root and iproute2 for network namespaces"
+    else:
+        key = Path(tempfile.mkdtemp(prefix="sysvm-bench-key-")) / "id_ed25519"
+        generate_keypair(key)
+        transport = SystemVMTransport(load_client_key(key), command_timeout=600)
+        variants = [v for v in ("iptables-legacy", "iptables") if shutil.which(f"{v}-restore")]
+        async with GuestHost(key) as host:
+            for variant in variants:
+                figures = await netns_variant(host, transport, variant, args.rounds, args.rules)
+                out["figures"][variant] = figures
+                if not args.skip_baseline:
+                    bundle = big_bundle() if args.rules >= 10_000 else _smaller(args.rules)
+                    base = await asyncio.to_thread(per_rule_baseline, bundle, variant)
+                    out["baseline"][variant] = base
+                    out["ratio"][f"{variant}_per_rule_vs_full_apply"] = round(
+                        base["wall_s"] / figures["full_apply_s"], 1
+                    )
+        await transport.close()
+    out["figures"]["concurrent_routers"] = await many_routers(args.routers)
+    out["target"] = {
+        "full_apply_s": 0.5,
+        "one_rule_change_s": 0.1,
+        "per_rule_vs_full_apply": 100,
+        "concurrent_loop_stall_max_ms": 10,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
