@@ -24,6 +24,7 @@ from tui_app.screens.events import EventsScreen
 from tui_app.screens.help import HelpScreen, collect_help
 from tui_app.screens.jobs import JobsScreen
 from tui_app.screens.main import MainScreen
+from tui_app.screens.templates import TemplatesScreen
 from tui_app.widgets.inventory_tree import InventoryItem
 
 if TYPE_CHECKING:
@@ -44,7 +45,11 @@ ASCII_KEYS = {
     "⌫": "backspace",
     "⇥": "tab",
 }
-VIEWS: dict[str, type[Screen[Any]]] = {"jobs": JobsScreen, "events": EventsScreen}
+VIEWS: dict[str, type[Screen[Any]]] = {
+    "jobs": JobsScreen,
+    "events": EventsScreen,
+    "templates": TemplatesScreen,
+}
 FINISHED_WORDS = {"succeeded": "done", "cancelled": "cancelled"}
 
 
@@ -78,7 +83,18 @@ class SysvmApp(App[None]):
         ),
     ]
     MUTATING_ACTIONS: ClassVar[frozenset[str]] = frozenset(
-        {"start_stop", "reboot", "destroy", "migrate", "restart_network", "cancel_job"}
+        {
+            "start_stop",
+            "reboot",
+            "destroy",
+            "migrate",
+            "restart_network",
+            "cancel_job",
+            "register_template",
+            "upload_template",
+            "cancel_transfer",
+            "delete_template",
+        }
     )
     """Actions that change the cloud; read-only mode removes their keys (not just greys them)."""
 
@@ -232,6 +248,10 @@ class SysvmApp(App[None]):
         except Exception as exc:
             self.report_engine_error(exc, words)
             return
+        self.watch_job(words, job)
+
+    def watch_job(self, words: str, job: JobInfo) -> None:
+        """Follow a job this console started: in the activity strip, and a toast at its end."""
         self._watched_jobs[job.id] = words
         self.main_screen.strip.add_job(job)
         self._job_progressed(job.id, job.state)
@@ -321,8 +341,6 @@ class SysvmApp(App[None]):
             self.show_view(word)
         elif word == "help":
             self.action_help()
-        elif word == "templates":
-            self.notify("the templates screen comes with template support", title=":templates")
         elif word == "zone":
             zone = main.find_zone(arg) if arg else None
             if zone is None:
@@ -371,7 +389,7 @@ class SysvmApp(App[None]):
             self.pop_screen()
 
     def show_view(self, name: str) -> None:
-        """Switch to the jobs or events screen (one of each, on top of the main screen)."""
+        """Switch to the jobs, events or templates screen (one at a time, over the main one)."""
         if isinstance(self.screen, VIEWS[name]):
             return
         self.back_to_main()
@@ -412,6 +430,7 @@ def binding_ids() -> set[str]:
     from tui_app.screens.router_diff import RouterDiffScreen
     from tui_app.screens.router_rules import RouterRulesScreen
     from tui_app.screens.rule_form import RuleFormScreen
+    from tui_app.screens.template_form import TemplateFormScreen
     from tui_app.widgets.filter_input import FilterInput
     from tui_app.widgets.inventory_tree import InventoryTree
     from tui_app.widgets.record_table import RecordTable
@@ -424,6 +443,8 @@ def binding_ids() -> set[str]:
         HelpScreen,
         JobsScreen,
         EventsScreen,
+        TemplatesScreen,
+        TemplateFormScreen,
         RouterRulesScreen,
         RuleFormScreen,
         RouterDiffScreen,

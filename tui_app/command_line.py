@@ -31,7 +31,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("rules", "NETWORK", "edit a network's router rules", argument_required=True),
     CommandSpec("jobs", "", "recent jobs"),
     CommandSpec("events", "", "the live event log"),
-    CommandSpec("templates", "", "templates (not built yet)"),
+    CommandSpec("templates", "", "templates: register, upload, transfers"),
     CommandSpec("help", "", "the keys"),
     CommandSpec("q", "", "quit"),
 )

@@ -42,11 +42,12 @@ class ObjectCommands(Provider):
 
 
 class ViewCommands(Provider):
-    """The screens: jobs, events, help."""
+    """The screens: jobs, events, templates, help."""
 
     VIEWS = (
         ("Jobs", "jobs", "recent jobs, cancel one (:jobs)"),
         ("Events", "events", "the live event log (:events)"),
+        ("Templates", "templates", "templates and their transfers (:templates, t)"),
         ("Help", "help", "every key (?)"),
     )
 

@@ -61,6 +61,7 @@ class MainScreen(Screen[None]):
         Binding("m", "migrate", "Migrate", id="object.migrate"),
         Binding("x", "restart_network", "Restart net", id="object.restart_network"),
         Binding("e", "edit_rules", "Rules", id="object.edit_rules"),
+        Binding("t", "templates", "Templates", show=False, id="main.templates"),
         Binding("J", "scroll_details(3)", "Details down", show=False, id="main.details_down"),
         Binding("K", "scroll_details(-3)", "Details up", show=False, id="main.details_up"),
     ]
@@ -307,6 +308,9 @@ class MainScreen(Screen[None]):
     def _zone_hosts(self, zone: str) -> list[InventoryItem]:
         group = self._tree.item(GROUP, f"{zone}/hosts")
         return [h for h in group.children if h.kind == HOST] if group is not None else []
+
+    def action_templates(self) -> None:
+        self.sysvm.show_view("templates")
 
     def action_scroll_details(self, lines: int) -> None:
         self._details.scroll_relative(y=lines, animate=False)

@@ -1,4 +1,7 @@
-"""The bottom strip: one line per queued or running job (kind, target, progress bar, message)."""
+"""The bottom strip: one line per queued or running job (kind, target, progress bar, message).
+
+A job that moves bytes (a template transfer) shows its speed, ETA and bytes instead of its
+message, measured from the bytes its events report over their timestamps."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from textual.containers import Horizontal, Vertical
 from textual.renderables.bar import Bar as BarRenderable
 from textual.widgets import Label, ProgressBar
 
+from tui_app.transfer_progress import TransferMeter, bytes_of, eta_text, speed_text, waiting_words
+
 if TYPE_CHECKING:
     from backend.api.types import EventRecord, JobInfo
 
@@ -19,6 +24,8 @@ FRAME_SECONDS = 1 / 30
 MAX_ROWS = 3
 RUNNING = "running"
 ACTIVE = frozenset({"queued", RUNNING})
+SHORT_KINDS = {"template.download": "download", "template.upload": "upload"}
+"""Kinds said in a word, so the template's name fits beside it."""
 
 
 class AsciiBar(BarRenderable):
@@ -72,11 +79,8 @@ class JobRow(Horizontal):
             self._paint()
 
     def _paint(self) -> None:
-        what = (
-            self.kind
-            if not self.target or self.target == self.kind
-            else f"{self.kind} {self.target}"
-        )
+        kind = SHORT_KINDS.get(self.kind, self.kind)
+        what = kind if not self.target or self.target == self.kind else f"{kind} {self.target}"
         self.query_one(".job-what", Label).update(what)
         self.query_one(ProgressBar).update(progress=self.progress)
         self.query_one(".job-message", Label).update(self.message)
@@ -104,6 +108,7 @@ class ActivityStrip(Vertical):
         self._pending: list[EventRecord] = []
         self._armed = False
         self._finished: set[int] = set()  # so a job that ended before `add_job` stays out
+        self._meters: dict[int, TransferMeter] = {}
         self.history: deque[int] = deque(maxlen=50)
         """Ids of the last jobs that got a row, oldest first (quick jobs come and go fast)."""
         self.loaded = False
@@ -154,11 +159,12 @@ class ActivityStrip(Vertical):
                     kind=event.name,
                     target=f.get("target_name", ""),
                     progress=float(f.get("progress") or 0.0),
-                    message=f.get("message", ""),
+                    message=self._words(event),
                     state=state,
                 )
             else:
                 self.jobs.pop(event.entity_id, None)
+                self._meters.pop(event.entity_id, None)
                 if len(self._finished) > 1000:
                     self._finished.clear()
                 self._finished.add(event.entity_id)
@@ -172,6 +178,18 @@ class ActivityStrip(Vertical):
                     )
         if events:
             self._layout()
+
+    def _words(self, event: EventRecord) -> str:
+        """A transfer's speed, ETA and bytes (they fit at 80 columns); else the message."""
+        f = event.fields
+        done, total = int(f.get("bytes_done") or 0), int(f.get("bytes_total") or 0)
+        message = str(f.get("message") or "")
+        if total <= 0 or f.get("state") != RUNNING:
+            return waiting_words(message) or message
+        meter = self._meters.setdefault(event.entity_id, TransferMeter())
+        meter.add(event.ts, done)
+        rate = meter.rate
+        return f"{speed_text(rate)} {eta_text(done, total, rate)} {bytes_of(done, total)}"
 
     def _layout(self) -> None:
         """Show up to MAX_ROWS jobs (oldest first) and a count of the rest."""
