@@ -30,12 +30,15 @@ from backend.api.server import ApiServer
 from backend.api.types import EventRecord
 from backend.config import load_config
 from backend.engine.core import Engine
+from tests.test_template_transfers import _Origin, origin, url
 from tui_app.app import SysvmApp
 from tui_app.screens.confirm import ConfirmScreen
 from tui_app.screens.help import HelpScreen
 from tui_app.screens.jobs import JobsScreen
+from tui_app.screens.templates import TemplatesScreen
 
 SnapCompare = Callable[..., bool]
+__all__ = ["origin"]  # the loopback HTTP server fixture, shared with the transfer tests
 
 
 class SocketEngine:
@@ -194,3 +197,36 @@ async def test_command_prompt_80x24(snapshot_engine: Path, snap_compare: SnapCom
         await pilot.press("z", "o")
 
     assert await _snap(snap_compare, snapshot_engine, run_before)
+
+
+async def test_templates_screen_80x24(
+    snapshot_engine: Path, origin: _Origin, snap_compare: SnapCompare
+) -> None:
+    """Finished transfers only (no speed or ETA that varies): stored, refused, abandoned."""
+    remote = await RemoteEngine.connect_unix(snapshot_engine)
+    try:
+        job = await remote.template_register("zone1", "ubuntu-22.04", url(origin), "RAW")
+        assert (await remote.wait_job(job.id, 60)).state == "succeeded"
+        job = await remote.template_register("zone1", "liar", url(origin), "QCOW2")
+        assert (await remote.wait_job(job.id, 60)).state == "failed"
+        origin.rate = 256 * 1024
+        job = await remote.template_register("zone1", "stopped-early", url(origin), "RAW")
+        while not await _transferring(remote, "stopped-early"):
+            await asyncio.sleep(0.05)
+        await remote.cancel_job(job.id)
+        assert (await remote.wait_job(job.id, 30)).state == "cancelled"
+    finally:
+        await remote.close()
+
+    async def run_before(pilot: Pilot[None]) -> None:
+        app = await _ready(pilot)
+        await pilot.press("t")
+        await _until(pilot, lambda: isinstance(app.screen, TemplatesScreen) and app.screen.loaded)
+        await pilot.pause(0.2)
+
+    assert await _snap(snap_compare, snapshot_engine, run_before)
+
+
+async def _transferring(api: RemoteEngine, name: str) -> bool:
+    [row] = [t for t in await api.templates_list() if t["name"] == name]
+    return bool(row["transfer"] and row["transfer"]["bytes_done"])
