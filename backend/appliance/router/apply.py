@@ -427,7 +427,11 @@ class RouterApplier:
             delta = diff_rulesets(cache.ruleset, rendered.ruleset)
             if delta.empty:
                 return None, "unchanged"
-            return TablesChange(delta.restore_text(), noflush=True), "delta"
+            # A delta within one table loads as one commit (legacy: one table replaced; nft: one
+            # transaction), so it goes live entirely or not at all: no separate --test run.
+            # Across tables an early COMMIT could land before a later one fails: test first.
+            tables = {table for table, _ in delta.touched()}
+            return TablesChange(delta.restore_text(), noflush=True, test=len(tables) > 1), "delta"
         return TablesChange(rendered.iptables), "full"
 
     def _install(
