@@ -38,6 +38,7 @@ class FormField:
     kind: str = TEXT
     choices: tuple[str, ...] = ()
     hint: str = ""
+    required: bool = False  # a choice with no default (the others default when left empty)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class RuleForm:
     type: RuleType
     title: str  # "Port forwarding"
     tab: str  # short, for the tab row at 80 columns
+    noun: str  # one rule: "port forward"
     fields: tuple[FormField, ...]
     columns: tuple[tuple[str, tuple[str, ...]], ...]  # (header, fields shown joined as a range)
 
@@ -54,16 +56,16 @@ class RuleForm:
         return next((f for f in self.fields if f.name == name), None)
 
 
-TITLES: dict[RuleType, tuple[str, str]] = {
-    RuleType.FIREWALL_INGRESS: ("Ingress firewall", "FW in"),
-    RuleType.FIREWALL_EGRESS: ("Egress firewall", "FW out"),
-    RuleType.PORT_FORWARD: ("Port forwarding", "Port fwd"),
-    RuleType.STATIC_NAT: ("Static NAT", "Static NAT"),
-    RuleType.SOURCE_NAT: ("Source NAT", "SNAT"),
-    RuleType.LOAD_BALANCER: ("Load balancer", "LB"),
-    RuleType.DHCP_ENTRY: ("DHCP entries", "DHCP"),
-    RuleType.DNS_ENTRY: ("DNS entries", "DNS"),
-    RuleType.REMOTE_ACCESS_VPN: ("Remote access VPN", "VPN"),
+TITLES: dict[RuleType, tuple[str, str, str]] = {
+    RuleType.FIREWALL_INGRESS: ("Ingress firewall rules", "FW in", "ingress firewall rule"),
+    RuleType.FIREWALL_EGRESS: ("Egress firewall rules", "FW out", "egress firewall rule"),
+    RuleType.PORT_FORWARD: ("Port forwarding rules", "Port fwd", "port forwarding rule"),
+    RuleType.STATIC_NAT: ("Static NAT rules", "Static NAT", "static NAT rule"),
+    RuleType.SOURCE_NAT: ("Source NAT rules", "SNAT", "source NAT rule"),
+    RuleType.LOAD_BALANCER: ("Load balancers", "LB", "load balancer"),
+    RuleType.DHCP_ENTRY: ("DHCP static entries", "DHCP", "DHCP static entry"),
+    RuleType.DNS_ENTRY: ("DNS host entries", "DNS", "DNS host entry"),
+    RuleType.REMOTE_ACCESS_VPN: ("Remote access VPN", "VPN", "remote access VPN"),
 }
 
 # Shorthands the engine also takes (`public_port` for a one-port range) stay off the forms:
@@ -187,9 +189,12 @@ def _form(rule_type: RuleType) -> RuleForm:
     fields = []
     for name in names:
         kind, choices = _kind(rule_type, name)
-        fields.append(FormField(name, _label(name), kind, choices, HINTS.get(name, "")))
-    title, tab = TITLES[rule_type]
-    return RuleForm(rule_type, title, tab, tuple(fields), COLUMNS[rule_type])
+        # A load balancer defaults its protocol (tcp); firewall and forwarding rules need one.
+        required = name == "protocol" and rule_type != RuleType.LOAD_BALANCER
+        hint = HINTS.get(name, "")
+        fields.append(FormField(name, _label(name), kind, choices, hint, required))
+    title, tab, noun = TITLES[rule_type]
+    return RuleForm(rule_type, title, tab, noun, tuple(fields), COLUMNS[rule_type])
 
 
 FORMS: Mapping[RuleType, RuleForm] = {t: _form(t) for t in RuleType}

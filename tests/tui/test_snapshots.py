@@ -35,6 +35,7 @@ from tui_app.app import SysvmApp
 from tui_app.screens.confirm import ConfirmScreen
 from tui_app.screens.help import HelpScreen
 from tui_app.screens.jobs import JobsScreen
+from tui_app.screens.router_rules import RouterRulesScreen
 from tui_app.screens.templates import TemplatesScreen
 
 SnapCompare = Callable[..., bool]
@@ -230,3 +231,26 @@ async def test_templates_screen_80x24(
 async def _transferring(api: RemoteEngine, name: str) -> bool:
     [row] = [t for t in await api.templates_list() if t["name"] == name]
     return bool(row["transfer"] and row["transfer"]["bytes_done"])
+
+
+async def test_rule_editor_80x24(snapshot_engine: Path, snap_compare: SnapCompare) -> None:
+    remote = await RemoteEngine.connect_unix(snapshot_engine)
+    try:
+        if not (await remote.router_show("zone1-net1"))["rules"]:
+            pf = {"public_ip": "203.0.113.10", "private_ip": "10.1.101.10", "protocol": "tcp"}
+            for ports in ((8080, 80), (2222, 22)):
+                fields = pf | {"public_port": ports[0], "private_port": ports[1]}
+                await remote.router_rule_add("zone1-net1", "port-forward", fields)
+    finally:
+        await remote.close()
+
+    async def run_before(pilot: Pilot[None]) -> None:
+        app = await _ready(pilot)
+        app.run_command("rules zone1-net1")
+        await _until(pilot, lambda: isinstance(app.screen, RouterRulesScreen))
+        screen = app.screen
+        assert isinstance(screen, RouterRulesScreen)
+        await _until(pilot, lambda: screen.loaded and screen.rule_type == "port-forward")
+        await pilot.pause(0.2)
+
+    assert await _snap(snap_compare, snapshot_engine, run_before)

@@ -95,7 +95,7 @@ def _section_name(node: object, binding: Binding) -> str:
     if isinstance(node, _Screen):
         return "Console"
     name = type(node).__name__
-    return {"InventoryTree": "Tree", "RecordTable": "Table"}.get(name, name)
+    return {"InventoryTree": "Tree", "RecordTable": "Table", "RuleTable": "Table"}.get(name, name)
 
 
 class HelpScreen(Screen[None]):

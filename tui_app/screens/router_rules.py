@@ -146,9 +146,16 @@ class RouterRulesScreen(Screen[None]):
                 Text(f"cannot read the rules of {self.network}", style="red")
             )
             return
+        first = not self.loaded
         self.shown = shown
         self.loaded = True
         self._show_rules()
+        if first and not any(r.get("type") == self.rule_type for r in self.rules):
+            # Open on the first kind of rule the router has (the tab row stays in order).
+            held = {str(r.get("type")) for r in self.rules}
+            found = next((t for t in FORMS if t.value in held), None)
+            if found is not None:
+                self.call_after_refresh(self.show_type, found)
 
     def _on_snapshot(self, status: StatusTree, jobs: list[JobInfo]) -> None:
         if self.loaded:  # after a reconnect
@@ -208,7 +215,8 @@ class RouterRulesScreen(Screen[None]):
             table.move_cursor(row=table.get_row_index(str(keep)), animate=False)
         empty = self.query_one(f"#empty-{form.type.value}", Static)
         hint = "" if self.sysvm.read_only else " Press a to add one."
-        empty.update(f"No {form.title.lower()} rules.{hint}")
+        title = form.title if form.title[:2].isupper() else form.title[:1].lower() + form.title[1:]
+        empty.update(f"No {title}.{hint}")
         empty.set_class(not rows, "-shown")
         table.display = bool(rows)
 

@@ -86,9 +86,10 @@ class RuleFormScreen(ModalScreen[dict[str, Any] | None]):
         return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
-        verb = f"Edit rule {self.rule_id}" if self.rule_id is not None else "Add"
+        noun = self.form.noun
+        what = f"Edit {noun} {self.rule_id}" if self.rule_id is not None else f"Add {noun}"
         with Vertical(id="form-dialog") as dialog:
-            dialog.border_title = f"{verb}: {self.form.title.lower()} on {self.network}"
+            dialog.border_title = f"{what} · {self.network}"
             with VerticalScroll(id="form-fields"):
                 for f in self.form.fields:
                     value = self.values.get(f.name, "")
@@ -99,7 +100,7 @@ class RuleFormScreen(ModalScreen[dict[str, Any] | None]):
                             yield Select(
                                 options,
                                 value=value if value in f.choices else Select.NULL,
-                                prompt="(default)" if f.kind == YES_NO else "choose",
+                                prompt="choose" if f.required else "(default)",
                                 compact=True,
                                 id=_row_id(f.name),
                             )
