@@ -9,7 +9,7 @@ engine timestamps (so events delivered together in one frame do not read as a bu
 from __future__ import annotations
 
 from collections import deque
-from datetime import datetime
+from datetime import UTC, datetime
 
 WINDOW_SECONDS = 5.0
 WAITING_PREFIX = "waiting"
@@ -96,7 +96,9 @@ def waiting_words(reason: str, zone: str = "") -> str | None:
 
 
 def _seconds(ts: str) -> float | None:
+    """An ISO timestamp in seconds; one without a zone is UTC (as the engine stores them)."""
     try:
-        return datetime.fromisoformat(ts).timestamp()
+        when = datetime.fromisoformat(ts)
     except ValueError:
         return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()

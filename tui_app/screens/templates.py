@@ -46,6 +46,20 @@ STATE_STYLES = {
     "NOT_DOWNLOADED": "dim",
     "NOT_UPLOADED": "dim",
 }
+REASON_WORDS = {
+    "format": "wrong format",
+    "checksum": "checksum",
+    "backing_file": "backing file",
+    "corrupt": "corrupt image",
+    "too_large": "too large",
+    "disk_full": "disk full",
+    "timeout": "timed out",
+    "refused_address": "address refused",
+    "redirects": "redirect loop",
+    "connection": "connection lost",
+    "bad_url": "bad URL",
+}
+"""The agent's reason for a failure, in the words the table starts its error with."""
 # (key, label, width); the last column ("size / progress") takes what is left.
 COLUMNS = (("zone", "zone", 7), ("name", "name", 18), ("format", "fmt", 5), ("state", "state", 20))
 LAST = ("progress", "size / progress")
@@ -59,6 +73,15 @@ def is_transferring(row: dict[str, Any]) -> bool:
     return row["state"] in IN_PROGRESS or (
         row["state"] in NOT_STARTED and transfer.get("state") not in FINAL
     )
+
+
+def failure_words(row: dict[str, Any]) -> str:
+    """Why a transfer failed, what first: "wrong format: the template was registered as ..."."""
+    reason = str((row.get("transfer") or {}).get("reason") or "")
+    error = str(row.get("error") or "")
+    word = REASON_WORDS.get(reason.partition(":")[0], "")
+    message = error or reason.partition(": ")[2] or reason
+    return f"{word}: {message}" if word and not message.startswith(word) else message
 
 
 class TemplatesScreen(Screen[None]):
@@ -306,7 +329,7 @@ class TemplatesScreen(Screen[None]):
                 return Text(f"{100 * done / total:.0f}% {bytes_of(done, total)}", no_wrap=True)
             return Text(f"{human_bytes(done)}", no_wrap=True)
         if state in ("DOWNLOAD_ERROR", "UPLOAD_ERROR"):
-            return Text(str(row.get("error") or transfer.get("reason") or ""), style="red")
+            return Text(failure_words(row), style="red", no_wrap=True, overflow="ellipsis")
         if is_transferring(row):
             reason = str(transfer.get("reason") or "queued")
             words = waiting_words(reason, str(row.get("zone", ""))) or reason

@@ -123,6 +123,8 @@ class ActivityStrip(Vertical):
     def load(self, jobs: list[JobInfo]) -> None:
         """Start from the engine's list of running jobs (replacing what was shown)."""
         self.jobs = {j.id: _job_entry(j) for j in jobs if j.state in ACTIVE}
+        for job in jobs:
+            self._start_meter(job)
         self.loaded = True
         self._layout()
         if self._pending:
@@ -132,7 +134,15 @@ class ActivityStrip(Vertical):
         """Show a job this console just submitted, before its first event arrives."""
         if job.state in ACTIVE and job.id not in self.jobs and job.id not in self._finished:
             self.jobs[job.id] = _job_entry(job)
+            self._start_meter(job)
             self._layout()
+
+    def _start_meter(self, job: JobInfo) -> None:
+        """A transfer already under way: its average since it started is the first speed
+        shown (with its next event), until the meter's window has newer samples."""
+        if job.state == RUNNING and job.bytes_total > 0 and job.started_at:
+            meter = self._meters[job.id] = TransferMeter()
+            meter.add(job.started_at, 0)
 
     def queue_event(self, event: EventRecord) -> None:
         """Take a "job" event; applied with the others of its frame."""
