@@ -288,6 +288,7 @@ class DetailsPane(ScrollView, can_focus=True):
         ]
         if item.kind == ROUTER and item.parent is not None:
             rows.append(("network", item.parent.name))
+            rows.append(("rules", _rules_state(d)))
         if self.clock:
             rows.append(("uptime", _uptime(full.get("started_at"), item.state)))
         error = full.get("last_error") or d.get("last_error")
@@ -354,6 +355,13 @@ class DetailsPane(ScrollView, can_focus=True):
         if router is None:
             return Text("none yet", style="dim")
         return Text.assemble(router.name, " ", self._state(router.state))
+
+
+def _rules_state(router: dict[str, Any]) -> Text:
+    """Whether what the router has live is what was applied, in words (`e` edits, `A` applies)."""
+    if router.get("drift"):
+        return Text("drift: e, then A", style="bold red")
+    return Text("no drift seen", style="dim")
 
 
 def _grid(rows: list[tuple[str, Any]]) -> Table:
