@@ -7,19 +7,25 @@ from the database always validates.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db.models import GuestNetwork, Nic, NicRole, RouterRule, SystemVM, VMState, VpnUser
-from backend.errors import InvalidInput, NotFound, SysvmError
+from backend.errors import InvalidInput, NotFound, SysvmError, TransportError
 from backend.router.bundle import BundleNetwork, RouterAddresses, RouterBundle
 from backend.router.rules import NetworkContext, Rule, parse_rule, parse_rule_alone
 
 if TYPE_CHECKING:
     from backend.engine.core import Engine
+
+log = logging.getLogger(__name__)
+CONFIRM_MARGIN = 2.0
+"""Seconds before a confirm window closes after which the engine stops trying to confirm."""
 
 
 def _context(net: GuestNetwork, rows: list[RouterRule], users: list[VpnUser]) -> NetworkContext:
@@ -260,13 +266,13 @@ class RouterService:
         if progress:
             await progress(20, f"applying version {bundle.version} to {router.name}")
         command = f"sysvm-router apply --confirm-timeout {int(confirm_timeout)}"
+        applied_at = asyncio.get_running_loop().time()
         answer = await self._call(router, endpoint, command, bundle.to_json())
         if confirm_timeout > 0:
             if progress:
                 await progress(70, f"confirming version {bundle.version} over a new connection")
-            self.engine.transport.drop(endpoint[0], endpoint[1], router.host_key_public)
             try:
-                await self._call(router, endpoint, f"sysvm-router confirm {bundle.version}")
+                await self._confirm(router, endpoint, bundle.version, applied_at, confirm_timeout)
             except SysvmError as exc:
                 raise SysvmError(
                     f"version {bundle.version} was applied but could not be confirmed ({exc}); "
@@ -275,6 +281,32 @@ class RouterService:
                 ) from exc
         await self._record(net.id, bundle, answer)
         return {"version": bundle.version, "digest": bundle.digest, **answer}
+
+    async def _confirm(
+        self,
+        router: SystemVM,
+        endpoint: tuple[str, int],
+        version: int,
+        applied_at: float,
+        window: float,
+    ) -> None:
+        """Confirm `version` over a new connection, retrying one that cannot be made (a busy
+        router may miss a handshake) for as long as the window surely stays open. A router that
+        answers, yes or no, is not asked again."""
+        loop = asyncio.get_running_loop()
+        last_chance = applied_at + window - CONFIRM_MARGIN
+        pause = 0.2
+        while True:
+            self.engine.transport.drop(endpoint[0], endpoint[1], router.host_key_public)
+            try:
+                await self._call(router, endpoint, f"sysvm-router confirm {version}")
+                return
+            except TransportError as exc:  # not reached, or no answer: confirming twice is harmless
+                if loop.time() + pause >= last_chance:
+                    raise
+                log.info("confirm of %s version %s: %s; trying again", router.name, version, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
     async def _record(self, net_id: int, bundle: RouterBundle, answer: dict[str, Any]) -> None:
         async def work(s: AsyncSession) -> str:
