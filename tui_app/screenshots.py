@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from textual.widgets import Input
 
+from backend.router.rule_types import RuleType
 from tui_app.app import SysvmApp
 from tui_app.screens.command_prompt import CommandPromptScreen
 from tui_app.screens.confirm import ConfirmScreen
 from tui_app.screens.help import HelpScreen
 from tui_app.screens.jobs import JobsScreen
+from tui_app.screens.router_rules import RouterRulesScreen
 from tui_app.screens.templates import TemplatesScreen
 from tui_app.widgets.inventory_tree import InventoryItem, InventoryTree
 
@@ -40,7 +42,8 @@ async def save_screenshots(
 ) -> list[Path]:
     """Run the console headless against `api` and save, in `out_dir` (created if missing):
     main-80x24, main-160x48, help-80x24, jobs-80x24, templates-80x24 (with the transfers
-    under way, if any), confirm-destroy-80x24 and command-prompt-80x24 (.svg); returns the
+    under way, if any), rule-editor-80x24 (the first network's router rules),
+    confirm-destroy-80x24 and command-prompt-80x24 (.svg); returns the
     files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -57,6 +60,7 @@ async def save_screenshots(
                 ("help", _help),
                 ("jobs", _jobs),
                 ("templates", _templates),
+                ("rule-editor", _rule_editor),
                 ("confirm-destroy", _confirm_destroy),
                 ("command-prompt", _command_prompt),
             ):
@@ -97,6 +101,20 @@ async def _templates(app: SysvmApp, pilot: Any) -> None:
     moving = [i for i, row in enumerate(rows) if row["state"].endswith("IN_PROGRESS")]
     if moving:
         screen.table.move_cursor(row=moving[0])
+
+
+async def _rule_editor(app: SysvmApp, pilot: Any) -> None:
+    """The router rules of the first network, on its port forwarding tab."""
+    network = next(i.name for i in app.main_screen.inventory.objects() if i.kind == "network")
+    app.run_command(f"rules {network}")
+    await _wait_until(
+        pilot, lambda: isinstance(app.screen, RouterRulesScreen) and app.screen.loaded
+    )
+    screen = app.screen
+    assert isinstance(screen, RouterRulesScreen)
+    await pilot.pause(0.1)
+    screen.show_type(RuleType.PORT_FORWARD)
+    await pilot.pause(0.6)  # the tab's underline slides over
 
 
 async def _confirm_destroy(app: SysvmApp, pilot: Any) -> None:
