@@ -8,8 +8,10 @@ from the database always validates.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from backend.engine.core import Engine
 
 log = logging.getLogger(__name__)
+BUILT_KEPT = 64
+"""Networks whose last built bundle is kept in memory (see `RouterService._built`)."""
 CONFIRM_MARGIN = 2.0
 """Seconds before a confirm window closes after which the engine stops trying to confirm."""
 
@@ -54,6 +58,9 @@ class RouterNotReady(SysvmError):
 class RouterService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # The last bundle built per network id: the `previous` of the next build, so unchanged
+        # rules are not validated again (the result is the same without it).
+        self._built: OrderedDict[int, RouterBundle] = OrderedDict()
 
     async def _network(self, s: AsyncSession, name: str) -> GuestNetwork:
         net = (await s.scalars(select(GuestNetwork).where(GuestNetwork.name == name))).first()
@@ -155,8 +162,11 @@ class RouterService:
                 )
                 or ""
             )
-        previous = RouterBundle.from_json(net.router_bundle) if net.router_bundle else None
-        return RouterBundle.create(
+        previous = self._built.get(net.id)
+        if previous is None and net.router_bundle:
+            previous = await asyncio.to_thread(RouterBundle.from_json, net.router_bundle)
+        build = functools.partial(
+            RouterBundle.create,
             version=version,
             network=BundleNetwork(name=net.name, cidr=net.cidr, gateway=net.gateway, vlan=net.vlan),
             addresses=RouterAddresses(
@@ -169,6 +179,13 @@ class RouterService:
             default_egress_policy=net.default_egress,
             previous=previous,
         )
+        # Validating 10,000 rules takes ~1 s cold, ~0.15 s with `previous`: not on the loop.
+        bundle = await asyncio.to_thread(build)
+        self._built[net.id] = bundle
+        self._built.move_to_end(net.id)
+        while len(self._built) > BUILT_KEPT:
+            self._built.popitem(last=False)
+        return bundle
 
     async def show(self, network: str) -> dict[str, Any]:
         async with self.engine.db.read() as s:
