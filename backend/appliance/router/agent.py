@@ -6,7 +6,7 @@ request was refused before anything changed (`error` and `field` name what is wr
 
     sysvm-router apply [--confirm-timeout S]   stdin: the bundle JSON
         -> {"version", "digest", "live_digest", "expected_live_digest", "drift",
-            "services": {name: "reloaded|unchanged|skipped"}, "iptables", "pending_confirm",
+            "services": {name: "reloaded|unchanged|skipped|started|stopped"}, "iptables", "pending_confirm",
             "confirm_deadline", "mode", "timings_ms": {...}}
     sysvm-router confirm VERSION               -> {"confirmed": VERSION, ...}
     sysvm-router show                          -> {"version", "digest", "live_digest",

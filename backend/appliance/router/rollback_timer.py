@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--netns")
     parser.add_argument("--iptables", default="iptables")
+    parser.add_argument("--services", action="store_true")
     parser.add_argument("--token", required=True)
     args = parser.parse_args(argv)
-    site = RouterSite(Path(args.root), args.netns, args.iptables)
+    site = RouterSite(Path(args.root), args.netns, args.iptables, args.services)
     if os.fork() > 0:
         os._exit(0)  # the launcher reaps this first child at once; the timer lives on, detached
     try:

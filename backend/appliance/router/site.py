@@ -2,7 +2,8 @@
 
 Local mode (no `netns`, the lab's default) touches no kernel: rule tables are recorded in a file and
 reloads are recorded too. netns mode loads the tables into the namespace with the iptables
-`variant` named and signals the services running there.
+`variant` named and signals the services running there; with `services` (the netns lab's routers)
+it also starts the services the bundle turns on and stops those it turns off.
 Standard library only: the rollback timer builds its site from the same fields.
 """
 
@@ -19,6 +20,7 @@ from backend.appliance.router.rule_tables import (
     RuleTables,
 )
 from backend.appliance.router.service_reload import (
+    NamespaceServices,
     RecordedReloads,
     ServiceReloads,
     SignalledReloads,
@@ -33,6 +35,7 @@ class RouterSite:
     root: Path
     netns: str | None = None
     iptables: str = "iptables"
+    services: bool = False
 
     def __post_init__(self) -> None:
         if not self.root.is_absolute():
@@ -41,6 +44,8 @@ class RouterSite:
             raise ValueError(f"netns: {self.netns!r} is not a network namespace name")
         if self.iptables not in VARIANTS:
             raise ValueError(f"iptables: {self.iptables!r} is not one of {', '.join(VARIANTS)}")
+        if self.services and self.netns is None:
+            raise ValueError("services: only a router in a network namespace runs its services")
 
     @property
     def mode(self) -> str:
@@ -57,6 +62,8 @@ class RouterSite:
     def reloads(self, state: RouterStateDir) -> ServiceReloads:
         if self.netns is None:
             return RecordedReloads(state.reloads_file)
+        if self.services:
+            return NamespaceServices(state.state_dir, state.config_dir, self.netns)
         return SignalledReloads(state.state_dir)
 
     def argv(self) -> list[str]:
@@ -64,4 +71,6 @@ class RouterSite:
         out = ["--root", str(self.root)]
         if self.netns is not None:
             out += ["--netns", self.netns, "--iptables", self.iptables]
+        if self.services:
+            out.append("--services")
         return out
