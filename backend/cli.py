@@ -67,12 +67,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--vms", type=int, help="guest VMs per network (default: lab.vms, 3)")
     up.add_argument(
-        "--backend", choices=["local"], default="local", help="where system VMs run (local)"
+        "--backend",
+        choices=["local", "netns"],
+        default="local",
+        help="where system VMs run: local, or netns (root: routers and guest VMs as network "
+        "namespaces with real sshd, iptables, dnsmasq, haproxy)",
     )
     up.add_argument("--no-wait", action="store_true", help="return once the job is queued")
     up.add_argument("--json", action="store_true")
     down = lsub.add_parser("down", help="remove everything the lab made")
     down.add_argument("--json", action="store_true")
+    ex = lsub.add_parser(
+        "exec",
+        help="netns lab: run a command in a guest VM's namespace, or the internet's (`public`)",
+        description="Run CMD inside the network namespace of guest VM NAME, or of the lab's "
+        "internet when NAME is `public`; its exit status is the command's. Needs root and a lab "
+        "built with `lab up --backend netns`.",
+    )
+    ex.add_argument("name", metavar="NAME", help="a guest VM (e.g. zone1-net1-vm1) or `public`")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD...")
 
     crash = lsub.add_parser(
         "crash", help="destroy a lab VM's domain behind the engine's back, as `virsh destroy` would"
@@ -614,6 +627,7 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
                 hosts=args.hosts if args.hosts is not None else config["lab.hosts"],
                 networks=args.networks if args.networks is not None else config["lab.networks"],
                 vms=args.vms if args.vms is not None else config["lab.vms"],
+                backend=args.backend,
             )
         else:
             job = await api.lab_down()
@@ -708,6 +722,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "tui":
             _prepare_console(config)
+        if args.command == "lab" and args.action == "exec":
+            return _lab_exec(args.name, args.argv)
+        if args.command == "lab" and args.action == "up" and args.backend == "netns":
+            from backend.lab.netns import problem
+
+            if why := problem():
+                raise SysvmError(why)
         return asyncio.run(_client_command(args, config))
     except SysvmError as exc:
         print(f"sysvm: {exc}", file=sys.stderr)
@@ -717,6 +738,38 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `sysvm status | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _lab_exec(name: str, argv: list[str]) -> int:
+    """`lab exec NAME -- CMD...`: exec CMD (an argv list, no shell) in NAME's namespace."""
+    from backend.errors import InvalidInput, NotFound
+    from backend.lab import netns
+    from backend.services.names import check_name
+
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise InvalidInput("CMD", "give the command to run after `--`")
+    if os.geteuid() != 0:
+        raise SysvmError("lab exec enters the lab's network namespaces: run it as root (sudo)")
+    spaces = netns.namespaces()
+    if netns.PUBLIC_NS not in spaces:
+        raise SysvmError(
+            "the lab is not running the netns back end; build it with "
+            "`sudo sysvm lab up --backend netns`"
+        )
+    if name == "public":
+        ns = netns.PUBLIC_NS
+    else:
+        ns = netns.guest_ns(check_name("NAME", name))
+        if ns not in spaces:
+            have = sorted(s.removeprefix("sv-vm-") for s in spaces if s.startswith("sv-vm-"))
+            raise NotFound(
+                f"no guest VM named {name!r} in the netns lab; try `public` or one of: "
+                + (", ".join(have[:10]) or "(none)")
+            )
+    sys.stdout.flush()
+    os.execvp("ip", ["ip", "netns", "exec", ns, *argv])
 
 
 if __name__ == "__main__":

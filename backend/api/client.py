@@ -113,9 +113,10 @@ class RemoteEngine:
         hosts: int | None = None,
         networks: int | None = None,
         vms: int | None = None,
+        backend: str = "local",
     ) -> JobInfo:
         job: JobInfo = await self.call(
-            "lab_up", zones=zones, hosts=hosts, networks=networks, vms=vms
+            "lab_up", zones=zones, hosts=hosts, networks=networks, vms=vms, backend=backend
         )
         return job
 

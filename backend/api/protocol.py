@@ -57,9 +57,11 @@ class EngineAPI(Protocol):
         hosts: int | None = None,
         networks: int | None = None,
         vms: int | None = None,
+        backend: str = "local",
     ) -> JobInfo:
         """Start building (idempotently) the embedded lab; returns the `lab.up` job at once.
-        None takes the `lab.*` setting. Raises InvalidInput naming the field."""
+        None takes the `lab.*` setting; `backend` is local or netns (root: routers and guest
+        VMs as network namespaces). Raises InvalidInput naming the field."""
         ...
 
     async def lab_down(self) -> JobInfo:

@@ -34,11 +34,13 @@ from backend.db.models import (
 )
 from backend.engine.events import EventBus
 from backend.engine.jobs import JobContext, JobKind, JobRunner
-from backend.errors import Conflict, EngineUnavailable, InvalidInput, NotFound, ReadOnly
+from backend.errors import Conflict, EngineUnavailable, InvalidInput, NotFound, ReadOnly, SysvmError
 from backend.hypervisor.connection import HostConnection
 from backend.hypervisor.pool import HypervisorPool
-from backend.lab.cloud import LabCloud
+from backend.lab.cloud import LAB_HOST_BACKENDS, LabCloud
 from backend.lab.local_guests import LocalGuests
+from backend.lab.netns import problem as netns_problem
+from backend.lab.netns_guests import NetnsGuests
 from backend.orchestration.host_monitor import HostMonitor
 from backend.orchestration.reconciler import Reconciler
 from backend.services.guest_vms import GuestVMService
@@ -103,10 +105,14 @@ class Engine:
         self.transport = SystemVMTransport(
             client_key, connect_timeout=float(self.config["engine.connect_timeout"])
         )
-        self.guests = LocalGuests(
+        local = LocalGuests(
             self.key_path.with_suffix(".pub"),
             boot_delay=float(self.config["lab.boot_delay"]),
             log_file=self.home / "lab-guests.log",
+        )
+        # Routers of `netns` lab hosts run in namespaces; every other guest on `local`.
+        self.guests = NetnsGuests(
+            local, self.db, self.home / "lab" / "netns", self.key_path.with_suffix(".pub")
         )
         self.schema = await self.db.open()
         await self.bus.start()
@@ -377,15 +383,19 @@ class Engine:
         hosts: int | None = None,
         networks: int | None = None,
         vms: int | None = None,
+        backend: str = "local",
     ) -> JobInfo:
         self._writable("lab up")
-        params = {
+        params: dict[str, Any] = {
             "zones": self.config["lab.zones"] if zones is None else zones,
             "hosts": self.config["lab.hosts"] if hosts is None else hosts,
             "networks": self.config["lab.networks"] if networks is None else networks,
             "vms": self.config["lab.vms"] if vms is None else vms,
+            "backend": backend,
         }
         LabCloud.validate(**params)
+        if backend == "netns" and (problem := netns_problem()):
+            raise SysvmError(problem)
         return await self.runner.submit("lab.up", params, target_type="lab", target_name="lab")
 
     async def lab_down(self) -> JobInfo:
@@ -652,7 +662,7 @@ class Engine:
             host = await s.get(Host, row.host_id) if row is not None and row.host_id else None
         if row is None or host is None:
             raise NotFound(f"no VM named {vm!r} on a host")
-        if host.backend != "local":
+        if host.backend not in LAB_HOST_BACKENDS:
             raise Conflict(f"{vm} is on {host.name}, not a lab host; use virsh there")
         await self.hypervisors.get(host.id).destroy(vm, undefine=undefine)
         return {"vm": vm, "host": host.name, "undefined": undefine}
@@ -663,7 +673,7 @@ class Engine:
         host_id = await self._host_id(host)
         async with self.db.read() as s:
             row = await s.get(Host, host_id)
-        if row is None or row.backend != "local":
+        if row is None or row.backend not in LAB_HOST_BACKENDS:
             raise Conflict(f"{host} is not a lab host")
         conn = self.hypervisors.get(host_id)
         conn.simulated_outage = "" if up else "host does not answer (lab host-down)"

@@ -1,4 +1,8 @@
-"""The embedded lab (`local` back end): a demo cloud on libvirt test-driver hosts, built idempotently.
+"""The embedded lab: a demo cloud on libvirt test-driver hosts, built idempotently.
+
+Back ends (`lab up --backend`): `local` (every system VM's guest is an SSH endpoint of the lab's
+guest host on loopback) and `netns` (root: routers are network namespaces with real sshd,
+iptables, dnsmasq and haproxy, guest VMs are namespaces too; see `backend.lab.netns`).
 
 Names are fixed (`zone1`, `zone1-host1`, `zone1-net1`, `zone1-net1-vm1`) so screenshots and tests
 are deterministic. Each host is its own `test:///<file>.xml` instance held by the engine; the file
@@ -46,6 +50,7 @@ from backend.db.models import (
 from backend.engine.jobs import JobContext
 from backend.errors import InvalidInput, SysvmError
 from backend.hypervisor.domain_xml import lab_node_xml
+from backend.lab import netns
 
 if TYPE_CHECKING:
     from backend.engine.core import Engine
@@ -55,6 +60,8 @@ log = logging.getLogger(__name__)
 MAX_ZONES = 254
 DOC_RANGES = ["203.0.113.0/24", "198.51.100.0/24", "192.0.2.0/24"]
 RUNSTATE_RUNNING, RUNSTATE_SHUTOFF = 1, 5
+BACKENDS = ("local", "netns")
+LAB_HOST_BACKENDS = BACKENDS
 
 
 def public_cidr(k: int) -> str:
@@ -78,9 +85,11 @@ class LabCloud:
         return self.root / "hosts" / f"{name}.xml"
 
     @staticmethod
-    def validate(zones: int, hosts: int, networks: int, vms: int) -> None:
+    def validate(zones: int, hosts: int, networks: int, vms: int, backend: str = "local") -> None:
+        if backend not in BACKENDS:
+            raise InvalidInput("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
         for field, value, low, high in (
-            ("zones", zones, 1, MAX_ZONES),
+            ("zones", zones, 1, len(DOC_RANGES) if backend == "netns" else MAX_ZONES),
             ("hosts", hosts, 1, 64),
             ("networks", networks, 0, 150),
             ("vms", vms, 0, 250),
@@ -94,11 +103,15 @@ class LabCloud:
         """Create what is missing, then converge: system VMs, routers and guest VMs Running."""
         p = ctx.params
         zones, hosts, networks, vms = p["zones"], p["hosts"], p["networks"], p["vms"]
-        self.validate(zones, hosts, networks, vms)
+        backend = str(p.get("backend", "local"))
+        self.validate(zones, hosts, networks, vms, backend)
+        await self._check_backend(backend, zones)
         await ctx.progress(0, message="recording the lab's zones, hosts and networks", force=True)
         for k in range(1, zones + 1):
             await self.engine.db.write(
-                functools.partial(self._ensure_zone, k=k, hosts=hosts, networks=networks)
+                functools.partial(
+                    self._ensure_zone, k=k, hosts=hosts, networks=networks, backend=backend
+                )
             )
             await ctx.progress(10 * k / zones, message=f"recorded zone{k}")
         await self.attach_hosts()
@@ -140,6 +153,9 @@ class LabCloud:
             *(step(self._start_network(names), "network up", len(names)) for _, names in net_ids)
         )
         await self._wait_converged(zone_ids)
+        if backend == "netns":
+            await ctx.progress(98, message="plugging guest VMs into their networks")
+            await self.plug_guest_vms()
         summary = {
             "zones": len(zone_ids),
             "networks": len(net_ids),
@@ -198,7 +214,50 @@ class LabCloud:
                 q = q.limit(limit)
             return list((await s.scalars(q)).all())
 
-    async def _ensure_zone(self, s: AsyncSession, k: int, hosts: int, networks: int) -> None:
+    async def _check_backend(self, backend: str, zones: int) -> None:
+        """The lab has one back end: refuse another than the existing lab's, or a machine
+        that cannot run it (one clear line)."""
+        async with self.engine.db.read() as s:
+            other = await s.scalar(
+                select(Host.backend).where(
+                    Host.backend.in_(LAB_HOST_BACKENDS), Host.backend != backend
+                )
+            )
+        if other is not None:
+            raise InvalidInput(
+                "backend", f"the lab runs the {other} back end; `sysvm lab down` first"
+            )
+        if backend != "netns":
+            return
+        problem = netns.problem()
+        if problem:
+            raise SysvmError(problem)
+        for k in range(1, zones + 1):
+            elsewhere = await netns.routed_elsewhere(public_cidr(k))
+            if elsewhere:
+                raise InvalidInput(
+                    "zones",
+                    f"zone{k}'s public range {public_cidr(k)} is routed on this machine "
+                    f"({elsewhere}); use fewer zones",
+                )
+
+    async def plug_guest_vms(self) -> list[str]:
+        """netns: every Running guest VM on a netns host gets its namespace (remade)."""
+        async with self.engine.db.read() as s:
+            ids = list(
+                (
+                    await s.scalars(
+                        select(GuestVM.id)
+                        .join(Host, Host.id == GuestVM.host_id)
+                        .where(Host.backend == "netns", GuestVM.state == VMState.RUNNING.value)
+                    )
+                ).all()
+            )
+        return await self.engine.guests.plug_guests(ids) if ids else []
+
+    async def _ensure_zone(
+        self, s: AsyncSession, k: int, hosts: int, networks: int, backend: str = "local"
+    ) -> None:
         name = f"zone{k}"
         zone = (await s.scalars(select(Zone).where(Zone.name == name))).first()
         if zone is None:
@@ -259,7 +318,7 @@ class LabCloud:
                     pod_id=pod_id,
                     name=hname,
                     uri=f"test://{self.host_file(hname)}",
-                    backend="local",
+                    backend=backend,
                 )
                 s.add(host)
                 await s.flush()
@@ -318,7 +377,7 @@ class LabCloud:
         """
         (self.root / "hosts").mkdir(parents=True, exist_ok=True)
         async with self.engine.db.read() as s:
-            hosts = (await s.scalars(select(Host).where(Host.backend == "local"))).all()
+            hosts = (await s.scalars(select(Host).where(Host.backend.in_(LAB_HOST_BACKENDS)))).all()
             svms = (
                 await s.scalars(
                     select(SystemVM)
@@ -351,20 +410,30 @@ class LabCloud:
                 ]
                 await asyncio.to_thread(_write_file, path, lab_node_xml(domains))
             self.engine.hypervisors.add(host.id, host.name, host.uri)
+        self.engine.guests.netns_hosts = {h.id for h in hosts if h.backend == "netns"}
         for vm in svms:
             if vm.state == VMState.RUNNING.value:
                 await self.engine.system_vms.boot_guest(vm)
+        if self.engine.guests.netns_hosts:
+            try:
+                await self.plug_guest_vms()
+            except SysvmError as exc:  # e.g. an engine started without root: routers say so too
+                log.warning("netns lab: guest VMs not plugged: %s", exc)
 
     async def down(self, ctx: JobContext) -> dict[str, Any]:
         """Power off and forget everything the lab made: domains, endpoints, records, files."""
         await ctx.progress(0, message="stopping lab system VMs", force=True)
         async with self.engine.db.read() as s:
-            hosts = (await s.scalars(select(Host).where(Host.backend == "local"))).all()
+            hosts = (await s.scalars(select(Host).where(Host.backend.in_(LAB_HOST_BACKENDS)))).all()
             svms = (await s.scalars(select(SystemVM))).all()
         for vm in svms:
             await self.engine.guests.halt(vm)
         for host in hosts:
             await self.engine.hypervisors.remove(host.id)
+        if any(h.backend == "netns" for h in hosts):
+            await ctx.progress(10, message="removing the netns lab's namespaces and links")
+            await self.engine.guests.teardown()
+        self.engine.guests.netns_hosts = set()
         zone_ids = await self._lab_zone_ids()
 
         async def work(s: AsyncSession) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from backend.db.models import SystemVM
 from backend.errors import SysvmError
+from backend.lab.guest_boots import GuestBoots
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class LocalGuests:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._ports: dict[str, int] = {}
-        self._booting: dict[str, asyncio.Task[None]] = {}
+        self._booting = GuestBoots()
         self._spawn_lock = asyncio.Lock()
 
     async def _process(self) -> asyncio.subprocess.Process:
@@ -99,29 +100,20 @@ class LocalGuests:
         name, key, args = vm.name, vm.host_key_private, dict(vm.boot_args)
 
         async def _boot() -> None:
-            try:
-                reply = await self._request(
-                    op="boot",
-                    vm=name,
-                    host_key=key,
-                    boot_args=args,
-                    delay=self.boot_delay,
-                    store_root=store_root,
-                )
-                self._ports[name] = int(reply["port"])
-            except SysvmError as exc:
-                log.warning("guest of %s did not boot: %s", name, exc)
-            finally:
-                self._booting.pop(name, None)
+            reply = await self._request(
+                op="boot",
+                vm=name,
+                host_key=key,
+                boot_args=args,
+                delay=self.boot_delay,
+                store_root=store_root,
+            )
+            self._ports[name] = int(reply["port"])
 
-        self._booting[name] = asyncio.create_task(_boot(), name=f"boot-{name}")
+        self._booting.start(name, _boot)
 
     async def halt(self, vm: SystemVM) -> None:
-        task = self._booting.pop(vm.name, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._booting.cancel(vm.name)
         self._ports.pop(vm.name, None)
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(SysvmError):
@@ -133,10 +125,7 @@ class LocalGuests:
         return None if port is None else ("127.0.0.1", port)
 
     async def stop_all(self) -> None:
-        for task in list(self._booting.values()):
-            task.cancel()
-        await asyncio.gather(*self._booting.values(), return_exceptions=True)
-        self._booting.clear()
+        await self._booting.cancel_all()
         self._ports.clear()
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:

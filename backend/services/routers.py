@@ -141,9 +141,14 @@ class RouterService:
         return {"deleted": rule_id}
 
     async def desired_bundle(
-        self, s: AsyncSession, net: GuestNetwork, version: int
+        self,
+        s: AsyncSession,
+        net: GuestNetwork,
+        version: int,
+        control_sources: tuple[str, ...] | None = None,
     ) -> RouterBundle:
-        """The whole desired config of the network's router, as one validated bundle."""
+        """The whole desired config of the network's router, as one validated bundle
+        (`control_sources`: who may SSH to it, default the whole link-local range)."""
         rows, users = await self._rows(s, net.id)
         router = (
             await s.scalars(
@@ -178,6 +183,7 @@ class RouterService:
             vpn_users=[{"username": u.username, "password": u.password} for u in users],
             default_egress_policy=net.default_egress,
             previous=previous,
+            **({"control_sources": control_sources} if control_sources else {}),
         )
         # Validating 10,000 rules takes ~1 s cold, ~0.15 s with `previous`: not on the loop.
         bundle = await asyncio.to_thread(build)
@@ -272,14 +278,23 @@ class RouterService:
         return dict(answer)
 
     async def apply(
-        self, network: str, *, confirm_timeout: float, progress: Any = None
+        self,
+        network: str,
+        *,
+        confirm_timeout: float,
+        progress: Any = None,
+        control_sources: tuple[str, ...] | None = None,
     ) -> dict[str, Any]:
         """Push the desired bundle as the next version; with a confirm window, confirm it over a
-        new SSH connection, else the router rolls itself back. Returns the router's answer."""
+        new SSH connection, else the router rolls itself back. Returns the router's answer.
+        `control_sources` narrows who may SSH to the router (the data-plane tests cut the engine
+        off with it to prove the rollback); the next apply without it restores the default."""
         async with self.engine.db.read() as s:
             net = await self._network(s, network)
             router, endpoint = await self._router(s, net)
-            bundle = await self.desired_bundle(s, net, net.router_version + 1)
+            bundle = await self.desired_bundle(
+                s, net, net.router_version + 1, control_sources=control_sources
+            )
         if progress:
             await progress(20, f"applying version {bundle.version} to {router.name}")
         command = f"sysvm-router apply --confirm-timeout {int(confirm_timeout)}"
