@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import copy
 import functools
-import os
 import re
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from backend.appliance.router.netfilter import render_iptables, render_ruleset, 
 from backend.appliance.router.render import SERVICE_FILES, render_router
 from backend.errors import InvalidInput
 from backend.router.bundle import BundleNetwork, RouterAddresses, RouterBundle
+from tests.netns_host import netns_problem
 from tests.test_router_rules import CIDR, GATEWAY, PUBLIC, VALID, VALID_USER, make_bundle
 
 # ---------------------------------------------------------------- helpers
@@ -463,22 +463,7 @@ def test_delta_adds_and_removes_bucket_chains() -> None:
 # ---------------------------------------------------------------- real iptables in a namespace
 
 
-def _netns_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create a network namespace"
-    if shutil.which("ip") is None:
-        return "iproute2 (ip) not installed"
-    if shutil.which("iptables-restore") is None:
-        return "iptables not installed (apt-get install iptables)"
-    name = f"sysvmprobe-{uuid.uuid4().hex[:8]}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"cannot create a network namespace: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return None
-
-
-NETNS_PROBLEM = _netns_problem()
+NETNS_PROBLEM = netns_problem()
 needs_netns = pytest.mark.skipif(NETNS_PROBLEM is not None, reason=str(NETNS_PROBLEM))
 RESTORE_VARIANTS = [
     v for v in ("iptables-restore", "iptables-legacy-restore") if shutil.which(v) is not None
