@@ -4,9 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages: the libvirt client library and headers to build libvirt-python, a compiler,
 # venv support, tmux (the console is meant to live in it); iproute2, iptables, haproxy and dnsmasq for
-# the router appliance; qemu-utils (qemu-img) and curl for the template tests and benchmark.
+# the router appliance; qemu-utils (qemu-img) and curl for the template tests and benchmark;
+# openssh-server (each router's sshd in the netns lab) and busybox (udhcpc, its DHCP test).
 SYSTEM_PACKAGES := libvirt-dev libvirt0 pkg-config gcc python3-dev python3-venv tmux \
-	iproute2 iptables haproxy dnsmasq-base qemu-utils curl
+	iproute2 iptables haproxy dnsmasq-base qemu-utils curl openssh-server busybox
 
 .PHONY: run test bench screenshots lint system-packages venv libvirtd clean
 
