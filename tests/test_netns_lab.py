@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -395,3 +396,54 @@ def _lab_processes(marker: str) -> list[str]:
         if stat.rsplit(")", 1)[1].split()[0] != "Z" and marker in cmdline:
             found.append(f"{pid} {cmdline[:120]}")
     return found
+
+
+@pytest.fixture
+def crashed_run() -> Any:
+    """What a crashed netns lab leaves: a router namespace with a process in it, a root link."""
+    subprocess.run(["ip", "netns", "add", "sv-rtr-999"], check=True)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", "sv-rtr-999", "sleep", "600"])
+    try:
+        link = ["ip", "link", "add", "sv-c999", "type", "veth", "peer", "name", "sv-c999p"]
+        subprocess.run(link, check=True)
+        yield sleeper
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        subprocess.run(["ip", "netns", "del", "sv-rtr-999"], capture_output=True)
+        subprocess.run(["ip", "link", "del", "sv-c999"], capture_output=True)
+
+
+async def test_lab_up_first_removes_the_leftovers_of_a_crashed_run(
+    crashed_run: subprocess.Popen[bytes], lab: NetnsLab
+) -> None:
+    assert "sv-rtr-999" not in netns.namespaces()
+    assert "sv-c999" not in await netns.root_links()
+    assert crashed_run.wait(timeout=5) is not None, "the leftover's process was ended"
+    assert netns.router_ns((await lab.router()).id) in netns.namespaces()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed")
+def test_netns_commands_refuse_a_user_who_is_not_root_in_one_line() -> None:
+    with tempfile.TemporaryDirectory() as where:  # pytest's tmp_path is root's alone
+        os.chmod(where, 0o777)
+        _refused_as_nobody(Path(where))
+
+
+def _refused_as_nobody(where: Path) -> None:
+    env = {**os.environ, "HOME": str(where), "SYSVM_HOME": str(where / "home")}
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    for args, says in (
+        (["lab", "up", "--backend", "netns"], "the netns back end needs root"),
+        (["lab", "exec", "public", "--", "true"], "run it as root"),
+    ):
+        done = subprocess.run(
+            [*nobody, sys.executable, "-m", "backend.cli", *args],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1 and says in done.stderr, done
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
