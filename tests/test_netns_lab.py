@@ -313,6 +313,22 @@ async def test_a_recreated_router_ends_with_the_same_live_digest_without_an_oper
     assert got.stdout == "vm1", "the forward works through the new router"
 
 
+async def test_a_rebooted_router_reapplies_its_last_confirmed_bundle_by_itself(
+    lab: NetnsLab,
+) -> None:
+    vm1 = lab.vms[0]
+    lab.serve_http(vm1.ns, vm1.ip, 80, "vm1")
+    await lab.forward_8080(vm1)
+    await lab.apply()
+    router = await lab.router()
+    await lab.engine.guests.halt(router)  # the guest powers off: its namespace is gone
+    assert netns.router_ns(router.id) not in netns.namespaces()
+    await lab.engine.guests.boot(router)  # and boots again; the engine pushes nothing here
+    await until(lambda: _answers(lab.engine, router), 30, "the router's sshd is back")
+    got = await fetch(netns.PUBLIC_NS, f"http://{lab.public_ip}:8080/who")
+    assert got.stdout == "vm1", got
+
+
 async def test_a_router_answering_with_another_host_key_is_refused_and_reported(
     lab: NetnsLab,
 ) -> None:

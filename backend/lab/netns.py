@@ -73,15 +73,16 @@ def problem() -> str | None:
     return None
 
 
-async def run(*argv: str, check: bool = True, stdin: bytes | None = None) -> str:
+async def run(*argv: str, check: bool = True, env: dict[str, str] | None = None) -> str:
     """Run argv (no shell) and return its stdout; NetnsError with its stderr when it fails."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
-    out, err = await proc.communicate(stdin)
+    out, err = await proc.communicate()
     if check and proc.returncode != 0:
         raise NetnsError(f"{' '.join(argv)}: {err.decode(errors='replace').strip()}")
     return out.decode(errors="replace")

@@ -207,7 +207,16 @@ class NetnsGuests:
         where = self.dir_of(vm.name)
         site = self.site_of(wiring.network_id)
         await asyncio.to_thread(self._prepare_site, site, vm.name)
-        await asyncio.to_thread(self._write_sshd_files, vm, ns, wiring.control_ip, where, site)
+        appliance = _appliance_argv(vm.name, site, ns)
+        await asyncio.to_thread(self._write_sshd_files, vm, wiring.control_ip, where, appliance)
+        # What a router does as it starts: re-apply its last confirmed bundle, if it has one.
+        try:
+            await netns.run(
+                "ip", "netns", "exec", ns, *appliance,
+                env={**os.environ, "SSH_ORIGINAL_COMMAND": "sysvm-router boot"},
+            )  # fmt: skip
+        except netns.NetnsError as exc:  # it still comes up: the engine pushes its bundle
+            log.warning("router %s could not re-apply its last confirmed bundle: %s", vm.name, exc)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         await netns.run(
             "ip", "netns", "exec", ns, SSHD, "-f", str(where / "sshd_config"),
@@ -226,7 +235,7 @@ class NetnsGuests:
         owner.write_text(vm_name)
 
     def _write_sshd_files(
-        self, vm: SystemVM, ns: str, control_ip: str, where: Path, site: Path
+        self, vm: SystemVM, control_ip: str, where: Path, appliance: list[str]
     ) -> None:
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = where / "ssh_host_ed25519_key"
@@ -236,22 +245,7 @@ class NetnsGuests:
             f.write(vm.host_key_private)
         engine_key = self.public_key_file.read_text().strip()
         (where / "authorized_keys").write_text(f"restrict {engine_key}\n")
-        command = shlex.join(
-            [
-                "exec",
-                sys.executable,
-                "-m",
-                "backend.appliance.forced_command",
-                "--vm",
-                vm.name,
-                "--root",
-                str(site),
-                "--netns",
-                ns,
-                "--booted-at",
-                f"{time.time():.3f}",
-            ]
-        )
+        command = shlex.join(["exec", *appliance, "--booted-at", f"{time.time():.3f}"])
         (where / "sshd_config").write_text(
             "\n".join(
                 [
@@ -291,6 +285,14 @@ class NetnsGuests:
         if pid is None or pid <= 1:
             raise SysvmError(f"{vm_name}: no sshd runs")
         os.kill(pid, signal.SIGHUP)
+
+
+def _appliance_argv(vm_name: str, site: Path, ns: str) -> list[str]:
+    """The router appliance's command (sshd's ForceCommand; also run once at boot)."""
+    return [
+        *(sys.executable, "-m", "backend.appliance.forced_command"),
+        *("--vm", vm_name, "--root", str(site), "--netns", ns),
+    ]
 
 
 async def _wait_listening(address: str, port: int, timeout: float) -> None:
