@@ -15,6 +15,7 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
+from tui_app.event_batch import EventBatch
 from tui_app.widgets.filter_input import FilterInput
 from tui_app.widgets.inventory_tree import InventoryFilter
 from tui_app.widgets.record_table import RecordTable
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from backend.api.types import EventRecord, JobInfo, StatusTree
     from tui_app.app import SysvmApp
 
-FRAME_SECONDS = 1 / 30
 BACKLOG = 200
 MAX_ROWS = 1000
 ENTITY_STYLES = {"job": "cyan", "system_vm": "green", "guest_vm": "blue", "host": "magenta"}
@@ -52,8 +52,7 @@ class EventsScreen(Screen[None]):
         super().__init__()
         self.events: list[EventRecord] = []
         self.loaded = False
-        self._pending: list[EventRecord] = []
-        self._armed = False
+        self._batch = EventBatch(self, self._apply_events)
         self._filter = InventoryFilter()
         self._fields_width = 0
         self.applied_batches = 0
@@ -91,25 +90,15 @@ class EventsScreen(Screen[None]):
         self.events = sorted([*(e for e in backlog if e.id not in seen), *self.events], key=_id)
         self.loaded = True
         self._rebuild()
-        if self._pending:
-            self._arm()
+        self._batch.release()
 
     def _on_snapshot(self, status: StatusTree, jobs: list[JobInfo]) -> None:
         """Attached (again): nothing to do; the live stream carries on."""
 
     def _on_event(self, event: EventRecord) -> None:
-        self._pending.append(event)
-        if self.loaded:
-            self._arm()
+        self._batch.add(event)
 
-    def _arm(self) -> None:
-        if not self._armed:
-            self._armed = True
-            self.set_timer(FRAME_SECONDS, self._apply_pending)
-
-    def _apply_pending(self) -> None:
-        self._armed = False
-        batch, self._pending = self._pending, []
+    def _apply_events(self, batch: list[EventRecord]) -> None:
         known = self.events[-1].id if self.events else 0
         batch = [e for e in batch if e.id > known]
         if not batch:

@@ -15,6 +15,7 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
+from tui_app.event_batch import EventBatch
 from tui_app.screens.confirm import ConfirmScreen
 from tui_app.screens.job_details import JobDetailsScreen
 from tui_app.widgets.filter_input import FilterInput
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from backend.api.types import EventRecord, JobInfo, StatusTree
     from tui_app.app import SysvmApp
 
-FRAME_SECONDS = 1 / 30
 HISTORY = 200
 ACTIVE = frozenset({"queued", "running"})
 STATE_STYLES = {
@@ -79,8 +79,7 @@ class JobsScreen(Screen[None]):
         super().__init__()
         self.jobs: dict[int, dict[str, Any]] = {}
         self.loaded = False
-        self._pending: list[EventRecord] = []
-        self._armed = False
+        self._batch = EventBatch(self, self._apply_events)
         self._filter = InventoryFilter()
         self._message_width = 0
         self._cancellable = False
@@ -122,8 +121,7 @@ class JobsScreen(Screen[None]):
             self.jobs.setdefault(job.id, job_row(job))
         self.loaded = True
         self._rebuild()
-        if self._pending:
-            self._arm()
+        self._batch.release()
 
     def _on_snapshot(self, status: StatusTree, jobs: list[JobInfo]) -> None:
         if self.loaded:  # after a reconnect: read the history again
@@ -131,18 +129,9 @@ class JobsScreen(Screen[None]):
 
     def _on_event(self, event: EventRecord) -> None:
         if event.entity == "job":
-            self._pending.append(event)
-            if self.loaded:
-                self._arm()
+            self._batch.add(event)
 
-    def _arm(self) -> None:
-        if not self._armed:
-            self._armed = True
-            self.set_timer(FRAME_SECONDS, self._apply_pending)
-
-    def _apply_pending(self) -> None:
-        self._armed = False
-        events, self._pending = self._pending, []
+    def _apply_events(self, events: list[EventRecord]) -> None:
         changed: set[int] = set()
         added = False
         for event in events:

@@ -58,6 +58,8 @@ def name_of(location: str) -> str:
 class TemplateFormScreen(ModalScreen["FormResult | None"]):
     """A few labelled inputs, a format choice, a line per field for the engine's errors."""
 
+    SCOPED_CSS = False  # so the `.-ascii` rule (a class of the app) reaches it
+
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel", id="template_form.cancel"),
         Binding("enter", "submit", "Submit", id="template_form.submit"),

@@ -18,6 +18,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from backend.errors import Conflict
+from tui_app.event_batch import EventBatch
 from tui_app.screens.confirm import ConfirmScreen
 from tui_app.screens.job_details import JobDetailsScreen
 from tui_app.screens.template_form import RegisterTemplateScreen, UploadTemplateScreen
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from backend.api.types import EventRecord, JobInfo, StatusTree
     from tui_app.app import SysvmApp
 
-FRAME_SECONDS = 1 / 30
 RELOAD_SECONDS = 0.3
 IN_PROGRESS = frozenset({"DOWNLOAD_IN_PROGRESS", "UPLOAD_IN_PROGRESS"})
 NOT_STARTED = frozenset({"NOT_DOWNLOADED", "NOT_UPLOADED"})
@@ -87,6 +87,8 @@ def failure_words(row: dict[str, Any]) -> str:
 class TemplatesScreen(Screen[None]):
     """Templates of every zone; live from "template" events, coalesced once a frame."""
 
+    SCOPED_CSS = False  # so the `.-ascii` rule (a class of the app) reaches it
+
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back", id="templates.back"),
         Binding("r", "register_template", "Register", id="templates.register"),
@@ -113,9 +115,7 @@ class TemplatesScreen(Screen[None]):
         self.templates: dict[int, dict[str, Any]] = {}
         self.loaded = False
         self.listing_help = False
-        self._loading = False
-        self._pending: list[EventRecord] = []
-        self._armed = False
+        self._batch = EventBatch(self, self._apply_events)
         self._reload_armed = False
         self._meters: dict[int, TransferMeter] = {}
         self._last_width = 0
@@ -154,19 +154,18 @@ class TemplatesScreen(Screen[None]):
     @work(group="templates-load", exclusive=True, exit_on_error=False)
     async def _load(self) -> None:
         """Read the whole list; events that arrive meanwhile wait and are applied after it."""
-        self._loading = True
+        self._batch.hold()
         try:
             rows = await self.sysvm.api.templates_list()
         except Exception as exc:
             self.sysvm.report_engine_error(exc, "templates")
+            if self.loaded:
+                self._batch.release()  # go on patching the list already shown
             return
-        finally:
-            self._loading = False
         self.templates = {int(r["id"]): dict(r) for r in rows}
         self.loaded = True
         self._rebuild()
-        if self._pending:
-            self._arm()
+        self._batch.release()
 
     def _schedule_reload(self) -> None:
         if not self._reload_armed:
@@ -183,20 +182,9 @@ class TemplatesScreen(Screen[None]):
 
     def _on_event(self, event: EventRecord) -> None:
         if event.entity == "template":
-            self._pending.append(event)
-            if self.loaded and not self._loading:
-                self._arm()
+            self._batch.add(event)
 
-    def _arm(self) -> None:
-        if not self._armed:
-            self._armed = True
-            self.set_timer(FRAME_SECONDS, self._apply_pending)
-
-    def _apply_pending(self) -> None:
-        self._armed = False
-        if self._loading:
-            return  # the load applies them when it is done
-        events, self._pending = self._pending, []
+    def _apply_events(self, events: list[EventRecord]) -> None:
         changed: set[int] = set()
         structural = False
         for event in events:

@@ -15,12 +15,12 @@ from textual.containers import Horizontal, Vertical
 from textual.renderables.bar import Bar as BarRenderable
 from textual.widgets import Label, ProgressBar
 
+from tui_app.event_batch import EventBatch
 from tui_app.transfer_progress import TransferMeter, bytes_of, eta_text, speed_text, waiting_words
 
 if TYPE_CHECKING:
     from backend.api.types import EventRecord, JobInfo
 
-FRAME_SECONDS = 1 / 30
 MAX_ROWS = 3
 RUNNING = "running"
 ACTIVE = frozenset({"queued", RUNNING})
@@ -105,8 +105,7 @@ class ActivityStrip(Vertical):
         self.ascii = ascii
         self.jobs: dict[int, dict[str, Any]] = {}
         self._rows: dict[int, JobRow] = {}
-        self._pending: list[EventRecord] = []
-        self._armed = False
+        self._batch = EventBatch(self, self._apply_events)
         self._finished: set[int] = set()  # so a job that ended before `add_job` stays out
         self._meters: dict[int, TransferMeter] = {}
         self.history: deque[int] = deque(maxlen=50)
@@ -127,8 +126,7 @@ class ActivityStrip(Vertical):
             self._start_meter(job)
         self.loaded = True
         self._layout()
-        if self._pending:
-            self._arm()
+        self._batch.release()
 
     def add_job(self, job: JobInfo) -> None:
         """Show a job this console just submitted, before its first event arrives."""
@@ -148,18 +146,9 @@ class ActivityStrip(Vertical):
         """Take a "job" event; applied with the others of its frame."""
         if event.entity != "job":
             return
-        self._pending.append(event)
-        if self.loaded:
-            self._arm()
+        self._batch.add(event)
 
-    def _arm(self) -> None:
-        if not self._armed:
-            self._armed = True
-            self.set_timer(FRAME_SECONDS, self._apply_pending)
-
-    def _apply_pending(self) -> None:
-        self._armed = False
-        events, self._pending = self._pending, []
+    def _apply_events(self, events: list[EventRecord]) -> None:
         for event in events:
             f = event.fields
             state = f.get("state", "")

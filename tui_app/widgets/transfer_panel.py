@@ -49,6 +49,8 @@ class AsciiBar:
 class TransferPanel(Static):
     """Shows up to MAX_LINES transfers and a count of the rest; hidden when there are none."""
 
+    SCOPED_CSS = False  # so the `.-ascii` rule (a class of the app) reaches it
+
     DEFAULT_CSS = """
     TransferPanel {
         height: auto;
