@@ -20,7 +20,7 @@ from tui_app.screens.router_diff import RouterDiffScreen
 from tui_app.screens.router_rules import RouterRulesScreen
 from tui_app.screens.rule_form import RuleFormScreen
 
-from .driving import SIZE, loaded, select
+from .driving import SIZE, loaded, select, toasts
 from .rendered import screen_text
 
 NET = "zone1-net1"
@@ -300,3 +300,24 @@ async def test_help_lists_the_editor_keys_and_colon_rules_completes_networks(
     objects = [ObjectName(NET, "network", "network", "zone1"), ObjectName("zone1", "zone", "", "")]
     assert [c.text for c in complete("rules z", objects)] == [f"rules {NET}"]
     assert any(c.text == "rules " for c in complete("ru", objects))
+
+
+async def test_e_on_the_router_node_opens_its_networks_rules_and_esc_goes_back(
+    net_lab: Engine, wait_until: Any
+) -> None:
+    app = SysvmApp(net_lab)
+    async with app.run_test(size=SIZE) as pilot:
+        tree = await loaded(pilot, app, wait_until)
+        router = app.main_screen.find_router(NET)
+        assert router is not None
+        await select(pilot, tree, router)
+        await pilot.press("e")
+        await wait_until(pilot, lambda: isinstance(app.screen, RouterRulesScreen), what="editor")
+        assert isinstance(app.screen, RouterRulesScreen) and app.screen.network == NET
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen, MainScreen), what="back")
+        assert tree.selected is router, "the cursor is where it was"
+        app.run_command("rules no-such-net")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, MainScreen)
+        assert any("no network no-such-net" in t for t in toasts(app))
