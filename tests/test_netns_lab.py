@@ -103,6 +103,15 @@ class NetnsLab:
             **extra,
         )
 
+    async def serve_forwarded(self) -> int:
+        """vm1 serves "vm1" over HTTP on port 80, forwarded from public_ip:8080 and applied;
+        returns the rule's id."""
+        vm1 = self.vms[0]
+        self.serve_http(vm1.ns, vm1.ip, 80, "vm1")
+        rule = await self.forward_8080(vm1)
+        await self.apply()
+        return rule
+
     async def router(self) -> SystemVM:
         async with self.engine.db.read() as s:
             router = (
@@ -260,10 +269,7 @@ async def test_dhcp_static_entry_hands_its_address_to_the_guests_dhcp_client(
 async def test_a_bundle_cutting_the_control_path_is_rolled_back_by_the_router(
     lab: NetnsLab,
 ) -> None:
-    vm1 = lab.vms[0]
-    lab.serve_http(vm1.ns, vm1.ip, 80, "vm1")
-    rule = await lab.forward_8080(vm1)
-    await lab.apply()
+    rule = await lab.serve_forwarded()
     url = f"http://{lab.public_ip}:8080/who"
     assert (await fetch(netns.PUBLIC_NS, url)).stdout == "vm1"
     # The next bundle drops the forward AND admits SSH only from an address the engine lacks.
@@ -286,10 +292,7 @@ async def test_a_bundle_cutting_the_control_path_is_rolled_back_by_the_router(
 async def test_a_recreated_router_ends_with_the_same_live_digest_without_an_operator(
     lab: NetnsLab,
 ) -> None:
-    vm1 = lab.vms[0]
-    lab.serve_http(vm1.ns, vm1.ip, 80, "vm1")
-    await lab.forward_8080(vm1)
-    await lab.apply()
+    await lab.serve_forwarded()
     before = await lab.engine.router_check(NET)
     old = await lab.router()
     job = await lab.engine.system_vm_action(old.name, "destroy")
@@ -316,10 +319,7 @@ async def test_a_recreated_router_ends_with_the_same_live_digest_without_an_oper
 async def test_a_rebooted_router_reapplies_its_last_confirmed_bundle_by_itself(
     lab: NetnsLab,
 ) -> None:
-    vm1 = lab.vms[0]
-    lab.serve_http(vm1.ns, vm1.ip, 80, "vm1")
-    await lab.forward_8080(vm1)
-    await lab.apply()
+    await lab.serve_forwarded()
     router = await lab.router()
     await lab.engine.guests.halt(router)  # the guest powers off: its namespace is gone
     assert netns.router_ns(router.id) not in netns.namespaces()

@@ -274,10 +274,11 @@ class GuestWiring:
 
 
 async def plug_guest(w: GuestWiring) -> str:
-    """Make (or remake) the guest VM's namespace on its network's segment; returns its name."""
+    """Make the guest VM's namespace on its network's segment (kept if it is there, with what
+    runs in it); returns its name."""
     ns = guest_ns(w.name)
     if ns in namespaces():
-        await remove_ns(ns)
+        return ns
     net = await ensure_network(w.network_id)
     await new_ns(ns)
     await veth_to_bridge(ns, "eth0", net, f"v{w.vm_id}", mac=w.mac)

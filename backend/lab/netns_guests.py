@@ -145,7 +145,7 @@ class NetnsGuests:
             return await netns.teardown()
 
     async def plug_guests(self, vm_ids: list[int]) -> list[str]:
-        """Give these guest VMs their namespaces (remade if they exist); returns their names."""
+        """Give these guest VMs their namespaces (those that exist stay); returns their names."""
         await self.ensure_base()
         async with self.db.read() as s:
             rows = (
