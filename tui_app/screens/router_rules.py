@@ -195,10 +195,15 @@ class RouterRulesScreen(Screen[None]):
         for rule in self.rules:
             by_type.setdefault(str(rule.get("type")), []).append(rule)
         tabs = self.query_one("#rules-tabs", TabbedContent)
+        counted = {
+            f.type: f"{f.tab} {len(by_type[f.type.value])}" if f.type.value in by_type else f.tab
+            for f in FORMS.values()
+        }
+        if sum(len(label) + 2 for label in counted.values()) > (self.size.width or 80):
+            counted = {t: FORMS[t].tab for t in counted}  # every tab in view beats the counts
         for form in FORMS.values():
-            rows = by_type.get(form.type.value, [])
-            self._fill(form, rows)
-            label = f"{form.tab} {len(rows)}" if rows else form.tab
+            self._fill(form, by_type.get(form.type.value, []))
+            label = counted[form.type]
             tab = tabs.get_tab(f"tab-{form.type.value}")
             if str(tab.label) != label:
                 tab.label = label
