@@ -321,3 +321,25 @@ async def test_e_on_the_router_node_opens_its_networks_rules_and_esc_goes_back(
         await pilot.pause(0.2)
         assert isinstance(app.screen, MainScreen)
         assert any("no network no-such-net" in t for t in toasts(app))
+
+
+async def test_an_apply_the_router_cannot_take_fails_in_words(
+    net_lab: Engine, wait_until: Any
+) -> None:
+    router = (await net_lab.router_show(NET))["router"]
+    job = await net_lab.wait_job((await net_lab.system_vm_action(router, "stop")).id, 30)
+    assert job.state == "succeeded", job.error
+    app = SysvmApp(net_lab)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_editor(pilot, app, wait_until)
+        assert f"router {router} is Stopped: A applies once it runs again" in screen_text(app)
+        await pilot.press("A")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="ask")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.job.get("state") == "failed", what="the failure")
+        await wait_until(
+            pilot,
+            lambda: f"apply failed: {NET} has no Running router" in screen_text(app),
+            what="the failure in words",
+        )
+        assert "Traceback" not in screen_text(app)

@@ -46,6 +46,9 @@ def status_words(shown: dict[str, Any]) -> tuple[str, str]:
     version = int(shown.get("version") or 0)
     if router is None:
         return ("no router yet: the rules are applied when the network's router starts", "yellow")
+    state = shown.get("router_state")
+    if state not in ("Running", None):
+        return (f"router {router} is {state}: A applies once it runs again", "yellow")
     if shown.get("drift"):
         return ("live rules differ from desired (drift) — press A to reapply", "bold red")
     if shown.get("pending"):
