@@ -79,6 +79,25 @@ async def open_templates(pilot: Any, app: SysvmApp, wait_until: Any) -> Template
     return app.screen
 
 
+async def open_form(pilot: Any, app: SysvmApp, wait_until: Any, key: str, form: type) -> Any:
+    """Press `key` on the templates screen; the form it opens."""
+    await pilot.press(key)
+    await wait_until(pilot, lambda: isinstance(app.screen, form), what=form.__name__)
+    return app.screen
+
+
+async def reaches(
+    pilot: Any, screen: TemplatesScreen, wait_until: Any, name: str, state: str, timeout: float
+) -> None:
+    """Wait until the table shows template `name` in `state`."""
+    await wait_until(
+        pilot,
+        lambda: cells_of(screen, name)[3:4] == [state],
+        timeout=timeout,
+        what=f"{name} {state} in the table",
+    )
+
+
 async def type_into(pilot: Any, field: str, text: str) -> None:
     pilot.app.screen.query_one(f"#field-{field}").focus()
     await pilot.pause()
@@ -112,9 +131,7 @@ async def test_a_template_registered_from_the_form_reaches_downloaded(
     app = SysvmApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         screen = await open_templates(pilot, app, wait_until)
-        await pilot.press("r")
-        await wait_until(pilot, lambda: isinstance(app.screen, RegisterTemplateScreen))
-        form = app.screen
+        form = await open_form(pilot, app, wait_until, "r", RegisterTemplateScreen)
         assert form.query_one("#field-zone").value == "zone1", "the only zone is the default"
         await type_into(pilot, "name", "blob")
         await type_into(pilot, "url", url(origin))
@@ -122,16 +139,21 @@ async def test_a_template_registered_from_the_form_reaches_downloaded(
         await type_into(pilot, "checksum", SHA256)
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.screen is screen, what="the form to close")
-        await wait_until(
-            pilot,
-            lambda: cells_of(screen, "blob")[3:4] == ["DOWNLOADED"],
-            timeout=60,
-            what="blob DOWNLOADED in the table",
-        )
+        await reaches(pilot, screen, wait_until, "blob", "DOWNLOADED", 60)
         assert cells_of(screen, "blob")[4] == "6.0 MiB"
         [stored] = [t for t in await engine.templates_list() if t["name"] == "blob"]
         assert stored["state"] == "DOWNLOADED" and stored["size"] == len(BLOB)
         assert "blob" in screen_text(app)
+
+        # D deletes it, after a question naming it.
+        screen.table.move_cursor(row=screen.table.get_row_index(str(stored["id"])))
+        await pilot.pause()
+        await pilot.press("D")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "Delete template blob in zone1?" in screen_text(app)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: row_of(screen, "blob") is None, what="blob gone")
+        assert [t["name"] for t in await engine.templates_list()] == ["systemvm-template"]
 
 
 async def test_a_slow_transfer_shows_bar_percent_speed_and_eta_and_cancel_abandons_it(
@@ -179,12 +201,7 @@ async def test_a_slow_transfer_shows_bar_percent_speed_and_eta_and_cancel_abando
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         assert "Cancel the transfer of template slow in zone1?" in screen_text(app)
         await pilot.press("enter")
-        await wait_until(
-            pilot,
-            lambda: cells_of(screen, "slow")[3:4] == ["ABANDONED"],
-            timeout=15,
-            what="slow ABANDONED in the table",
-        )
+        await reaches(pilot, screen, wait_until, "slow", "ABANDONED", 15)
         assert not panel.lines, "no transfer line once it is abandoned"
         assert (await engine.job(job.id)).state == "cancelled"
         [stored] = [t for t in await engine.templates_list() if t["name"] == "slow"]
@@ -198,9 +215,7 @@ async def test_bad_url_or_checksum_is_shown_under_its_field_and_nothing_is_regis
     app = SysvmApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         screen = await open_templates(pilot, app, wait_until)
-        await pilot.press("r")
-        await wait_until(pilot, lambda: isinstance(app.screen, RegisterTemplateScreen))
-        form = app.screen
+        form = await open_form(pilot, app, wait_until, "r", RegisterTemplateScreen)
 
         await pilot.press("enter")  # nothing typed: the required fields say so
         await pilot.pause()
@@ -237,6 +252,27 @@ async def test_bad_url_or_checksum_is_shown_under_its_field_and_nothing_is_regis
         assert app.screen is screen and row_of(screen, "bad") is None
 
 
+async def test_a_failed_download_says_why_in_words(
+    make_lab: MakeLab, origin: _Origin, wait_until: Any
+) -> None:
+    engine = await make_lab()
+    wrong = "{SHA-256}" + "0" * 64
+    app = SysvmApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_templates(pilot, app, wait_until)
+        await engine.template_register("zone1", "corrupt", url(origin), "RAW", wrong)
+        await reaches(pilot, screen, wait_until, "corrupt", "DOWNLOAD_ERROR", 60)
+        assert cells_of(screen, "corrupt")[4].startswith("checksum mismatch")
+        row = row_of(screen, "corrupt")
+        assert row is not None
+        screen.table.move_cursor(row=screen.table.get_row_index(str(row["id"])))
+        await pilot.pause()
+        detail = text_of(screen.query_one("#templates-detail")).replace("\n", " ")
+        assert "expected" in detail and "0" * 16 in detail, detail
+        assert SHA256[9:25] in detail.replace(" ", ""), "what the file really has"
+        assert "Traceback" not in screen_text(app)
+
+
 async def test_a_local_file_uploaded_from_the_form_reaches_uploaded(
     make_lab: MakeLab, tmp_path: Path, wait_until: Any
 ) -> None:
@@ -246,19 +282,12 @@ async def test_a_local_file_uploaded_from_the_form_reaches_uploaded(
     app = SysvmApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         screen = await open_templates(pilot, app, wait_until)
-        await pilot.press("u")
-        await wait_until(pilot, lambda: isinstance(app.screen, UploadTemplateScreen))
-        form = app.screen
+        form = await open_form(pilot, app, wait_until, "u", UploadTemplateScreen)
         await type_into(pilot, "file", str(source))
         assert form._value("name") == "local-disk" and form._value("format") == "RAW"
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.screen is screen, what="the form to close")
-        await wait_until(
-            pilot,
-            lambda: cells_of(screen, "local-disk")[3:4] == ["UPLOADED"],
-            timeout=60,
-            what="local-disk UPLOADED",
-        )
+        await reaches(pilot, screen, wait_until, "local-disk", "UPLOADED", 60)
 
 
 async def test_a_transfer_waiting_for_an_ssvm_says_so(
@@ -277,12 +306,7 @@ async def test_a_transfer_waiting_for_an_ssvm_says_so(
             what="the waiting reason",
         )
         assert "waiting: no Running SSVM in zone1" in cells_of(screen, "early")[4]
-        await wait_until(
-            pilot,
-            lambda: cells_of(screen, "early")[3:4] == ["DOWNLOADED"],
-            timeout=60,
-            what="early DOWNLOADED once an SSVM runs",
-        )
+        await reaches(pilot, screen, wait_until, "early", "DOWNLOADED", 60)
 
 
 async def test_read_only_hides_register_upload_cancel_and_delete(

@@ -103,7 +103,7 @@ class TemplatesScreen(Screen[None]):
         & > #templates-empty { display: none; padding: 1 2; color: $text-muted; }
         & > #templates-empty.-shown { display: block; }
         & > #templates-detail {
-            height: auto; max-height: 4; padding: 0 1; color: $text-muted;
+            height: auto; max-height: 6; padding: 0 1; color: $text-muted;
             border-top: solid $panel-lighten-2;
         }
     }
