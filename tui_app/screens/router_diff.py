@@ -84,7 +84,7 @@ class RouterDiffScreen(ModalScreen[None]):
         with Vertical(id="diff-dialog") as dialog:
             dialog.border_title = f"Diff: {self.network}"
             with VerticalScroll(id="diff-scroll"):
-                yield Static("reading the diff…", id="diff-body")
+                yield Static("reading the diff...", id="diff-body")
         yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:

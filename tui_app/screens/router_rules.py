@@ -40,6 +40,10 @@ def _table_id(rule_type: RuleType) -> str:
     return f"rules-{rule_type.value}"
 
 
+def ascii_words(text: str) -> str:
+    return text.replace("—", "-").replace("·", "|").replace("…", "...")
+
+
 def status_words(shown: dict[str, Any]) -> tuple[str, str]:
     """The router's state in words, and a style: drift first, then pending changes."""
     router = shown.get("router")
@@ -109,8 +113,8 @@ class RouterRulesScreen(Screen[None]):
         return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
-        yield Static(f"Router rules · {self.network}", id="rules-title")
-        yield Static("reading the router's rules…", id="rules-status")
+        yield Static(self._say(f"Router rules · {self.network}"), id="rules-title")
+        yield Static(self._say("reading the router's rules…"), id="rules-status")
         with TabbedContent(id="rules-tabs"):
             for form in FORMS.values():
                 with TabPane(form.tab, id=f"tab-{form.type.value}"):
@@ -191,9 +195,9 @@ class RouterRulesScreen(Screen[None]):
             title += f" · {router} {shown.get('router_state') or ''}".rstrip()
         if shown.get("public_ip"):
             title += f" · public {shown['public_ip']}"
-        self.query_one("#rules-title", Static).update(title)
+        self.query_one("#rules-title", Static).update(self._say(title))
         words, style = status_words(shown)
-        self.query_one("#rules-status", Static).update(Text(words, style=style))
+        self.query_one("#rules-status", Static).update(Text(self._say(words), style=style))
         by_type: dict[str, list[dict[str, Any]]] = {}
         for rule in self.rules:
             by_type.setdefault(str(rule.get("type")), []).append(rule)
@@ -335,7 +339,7 @@ class RouterRulesScreen(Screen[None]):
         if rule is None:
             return
         self.app.notify(
-            f"{summary(rule)} — stored; A applies it",
+            self._say(f"{summary(rule)} — stored; A applies it"),
             title=self.network,
             timeout=4,
         )
@@ -470,7 +474,7 @@ class RouterRulesScreen(Screen[None]):
                 line.append(
                     f"\nrolling back by itself in {left:.0f} s"
                     if left > 0
-                    else "\nthe router has rolled back — press c to check what is live",
+                    else self._say("\nthe router has rolled back — press c to check what is live"),
                     "bold red",
                 )
         elif state == "cancelled":
@@ -487,7 +491,8 @@ class RouterRulesScreen(Screen[None]):
             self._show_job()
 
     def action_check(self) -> None:
-        self.query_one("#rules-status", Static).update(Text("reading back what is live…", "dim"))
+        status = self.query_one("#rules-status", Static)
+        status.update(Text(self._say("reading back what is live…"), "dim"))
         self._check()
 
     @work(group="rules-check", exclusive=True, exit_on_error=False)
@@ -507,7 +512,9 @@ class RouterRulesScreen(Screen[None]):
                 )
             else:
                 words = "live rules differ from desired (drift) — press A to reapply"
-            self.app.notify(words, title=f"check {self.network}", severity="warning", timeout=8)
+            self.app.notify(
+                self._say(words), title=f"check {self.network}", severity="warning", timeout=8
+            )
         else:
             self.app.notify(
                 f"{checked['router']}: version {live} live, no drift",
@@ -518,3 +525,7 @@ class RouterRulesScreen(Screen[None]):
 
     def action_back(self) -> None:
         self.app.pop_screen()
+
+    def _say(self, text: str) -> str:
+        """Text for the screen: in ASCII mode without dashes, dots and ellipses it lacks."""
+        return ascii_words(text) if self.sysvm.ascii else text

@@ -89,7 +89,7 @@ class RuleFormScreen(ModalScreen[dict[str, Any] | None]):
         noun = self.form.noun
         what = f"Edit {noun} {self.rule_id}" if self.rule_id is not None else f"Add {noun}"
         with Vertical(id="form-dialog") as dialog:
-            dialog.border_title = f"{what} · {self.network}"
+            dialog.border_title = f"{what} {'|' if self.sysvm.ascii else '·'} {self.network}"
             with VerticalScroll(id="form-fields"):
                 for f in self.form.fields:
                     value = self.values.get(f.name, "")
