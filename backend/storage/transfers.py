@@ -175,8 +175,11 @@ class TemplateTransfers:
             return template.id
 
         template_id = await self.engine.db.write(work)
+        state = (
+            TemplateState.NOT_DOWNLOADED if direction == "download" else TemplateState.NOT_UPLOADED
+        )
         self.engine.bus.publish(
-            "template", template_id, "created", name, zone=zone, state="NOT_DOWNLOADED", format=fmt
+            "template", template_id, "created", name, zone=zone, state=state.value, format=fmt
         )
         return template_id, f"template.{direction}"
 
