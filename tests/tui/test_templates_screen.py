@@ -287,6 +287,9 @@ async def test_a_local_file_uploaded_from_the_form_reaches_uploaded(
         assert form._value("name") == "local-disk" and form._value("format") == "RAW"
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.screen is screen, what="the form to close")
+        await wait_until(pilot, lambda: row_of(screen, "local-disk") is not None)
+        first = row_of(screen, "local-disk")
+        assert first is not None and first["state"].startswith(("NOT_UPLOADED", "UPLOAD")), first
         await reaches(pilot, screen, wait_until, "local-disk", "UPLOADED", 60)
 
 
@@ -355,3 +358,34 @@ async def test_help_lists_every_templates_key_with_its_binding_id(
             assert binding_id in by_id and by_id[binding_id].keys == (key,), binding_id
         text = screen_text(app)
         assert "Register" in text and "Upload" in text and "Cancel" in text and "Delete" in text
+
+
+async def test_templates_keys_follow_the_keymap(make_lab: MakeLab, wait_until: Any) -> None:
+    engine = await make_lab()
+    app = SysvmApp(engine, keymap={"main.templates": "T", "templates.register": "R"})
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, wait_until)
+        await pilot.press("t")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, MainScreen), "t is no longer the key"
+        await pilot.press("T")
+        await wait_until(pilot, lambda: isinstance(app.screen, TemplatesScreen))
+        await pilot.press("r")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, TemplatesScreen), "r is no longer the key"
+        assert "R" in footer_keys(app) and "r" not in footer_keys(app)
+        await open_form(pilot, app, wait_until, "R", RegisterTemplateScreen)
+
+
+async def test_ascii_mode_draws_the_form_without_box_glyphs(
+    make_lab: MakeLab, wait_until: Any
+) -> None:
+    engine = await make_lab()
+    app = SysvmApp(engine, ascii=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_templates(pilot, app, wait_until)
+        await open_form(pilot, app, wait_until, "r", RegisterTemplateScreen)
+        await pilot.pause(0.1)
+        text = screen_text(app)
+        assert "Register a template from a URL" in text
+        assert not set(text) & set("▼▲╭╮╰╯─│━"), "box drawing or triangles at 80x24"

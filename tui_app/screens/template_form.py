@@ -141,6 +141,11 @@ class TemplateFormScreen(ModalScreen["FormResult | None"]):
     def on_mount(self) -> None:
         first = next((f for f in self.FIELDS if not self._value(f.key)), self.FIELDS[0])
         self.query_one(f"#field-{first.key}").focus()
+        if self.sysvm.ascii:  # the format choice's arrows, which Textual draws as triangles
+            for arrow, text in ((".down-arrow", "v"), (".up-arrow", "^")):
+                for glyph in self.query(f"#field-format {arrow}"):
+                    assert isinstance(glyph, Static)
+                    glyph.update(text)
 
     def _value(self, key: str) -> str:
         widget = self.query_one(f"#field-{key}")
