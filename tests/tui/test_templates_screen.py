@@ -120,8 +120,8 @@ async def test_t_opens_the_templates_of_every_zone_and_esc_goes_back(
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)
 
-        app.run_command("templates")  # as `:templates` does
-        await wait_until(pilot, lambda: isinstance(app.screen, TemplatesScreen))
+        await pilot.press("colon", *"templates", "enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, TemplatesScreen), what=":templates")
 
 
 async def test_a_template_registered_from_the_form_reaches_downloaded(
