@@ -19,13 +19,17 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from backend.appliance.endpoint import EXIT_UNKNOWN_COMMAND, EXIT_USAGE, CommandContext
 from backend.appliance.router.agent import RouterAgent
 from backend.appliance.router.site import RouterSite
 
-Handler = Callable[[CommandContext], Awaitable[int]]
+if TYPE_CHECKING:  # not imported at run time: asyncssh alone takes 0.4 s to load
+    from backend.appliance.endpoint import CommandContext
+
+Handler = Callable[["CommandContext"], Awaitable[int]]
+EXIT_USAGE = 2  # as the lab's loopback endpoints answer (backend.appliance.endpoint)
+EXIT_UNKNOWN_COMMAND = 127
 
 
 class StdioContext:
@@ -91,7 +95,7 @@ async def run(site: RouterSite, vm: str, command_line: str, booted_at: float) ->
         print("unknown command (this router runs its fixed commands only)", file=sys.stderr)
         return EXIT_UNKNOWN_COMMAND
     ctx = StdioContext(vm, argv[2:], booted_at)
-    return await handler(cast(CommandContext, ctx))
+    return await handler(cast("CommandContext", ctx))
 
 
 def main(argv: list[str] | None = None) -> None:

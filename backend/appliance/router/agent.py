@@ -26,13 +26,14 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from backend.appliance.endpoint import ApplianceEndpoints, CommandContext
 from backend.appliance.router.apply_errors import ApplyFailed, ApplyRefused
 from backend.appliance.router.rule_tables import TablesError
 from backend.appliance.router.site import RouterSite
 from backend.appliance.router.state_dir import CONFIRMED
 
 if TYPE_CHECKING:  # the applier (and the renderers) are imported on first use: they load slowly
+    # (and the SSH server only where it serves: a forced command under sshd needs no asyncssh)
+    from backend.appliance.endpoint import ApplianceEndpoints, CommandContext
     from backend.appliance.router.apply import RouterApplier
 
 EXIT_OK = 0
