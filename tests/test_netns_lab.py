@@ -61,7 +61,7 @@ class NetnsLab:
     def serve_http(self, ns: str, address: str, port: int, body: str) -> Path:
         """A `python3 -m http.server` in `ns`; returns its log (the clients it served)."""
         root = self.tmp / f"www-{ns}-{port}"
-        root.mkdir()
+        root.mkdir(exist_ok=True)
         (root / "who").write_text(body)
         log = self.tmp / f"http-{ns}-{port}.log"
         with open(log, "wb") as out:
@@ -327,6 +327,25 @@ async def test_a_rebooted_router_reapplies_its_last_confirmed_bundle_by_itself(
     await until(lambda: _answers(lab.engine, router), 30, "the router's sshd is back")
     got = await fetch(netns.PUBLIC_NS, f"http://{lab.public_ip}:8080/who")
     assert got.stdout == "vm1", got
+
+
+async def test_an_engine_restart_brings_the_lab_back_with_its_rules(
+    lab: NetnsLab, make_engine: Any
+) -> None:
+    await lab.serve_forwarded()
+    before = await lab.engine.router_check(NET)
+    await lab.engine.stop()  # the lab goes with its engine: namespaces, sshd, services
+    assert netns.namespaces() == []
+    engine: Engine = await make_engine()  # the same home: it rebuilds the lab from the database
+    lab.engine = engine
+    router = await lab.router()
+    await until(lambda: _answers(engine, router), 30, "the router is back")
+    after = await engine.router_check(NET)
+    assert after["live_digest"] == before["live_digest"] and after["drift"] is False, after
+    vm1 = lab.vms[0]
+    lab.serve_http(vm1.ns, vm1.ip, 80, "vm1 again")  # its guest namespace is back, empty
+    got = await fetch(netns.PUBLIC_NS, f"http://{lab.public_ip}:8080/who")
+    assert got.stdout == "vm1 again", got
 
 
 async def test_a_router_answering_with_another_host_key_is_refused_and_reported(
