@@ -125,7 +125,8 @@ async def main() -> None:
     sampler.cancel()
     assert all(j.state == "succeeded" for j in done), [j.error for j in done]
 
-    guest_pid = engine.guests._proc.pid if engine.guests._proc else 0  # noqa: SLF001
+    local = getattr(engine.guests, "local", engine.guests)  # the netns back end wraps it
+    guest_pid = local._proc.pid if local._proc else 0  # noqa: SLF001
     agent_rss = _hwm_kib(guest_pid) // 1024 if guest_pid else None
     engine_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     await engine.stop()
