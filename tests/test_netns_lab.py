@@ -388,7 +388,11 @@ async def test_the_root_namespace_reaches_the_lab_only_through_the_control_bridg
 ) -> None:
     routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
     lines = [ln for ln in routes.splitlines() if netns.CONTROL_BRIDGE in ln]
-    assert lines and all(ln.startswith(netns.CONTROL_CIDR) for ln in lines), routes
+    assert lines and all(ln.startswith("169.254.1.0/24 ") for ln in lines), routes
+    metadata = subprocess.run(["ip", "route", "get", "169.254.169.254"], capture_output=True)
+    assert netns.CONTROL_BRIDGE.encode() not in metadata.stdout, (
+        "the rest of 169.254/16 is not ours"
+    )
     got = subprocess.run(
         ["ip", "route", "get", lab.public_ip], capture_output=True, text=True
     )  # unreachable: never out of the default route

@@ -1,6 +1,8 @@
 """The `netns` lab's wiring: network namespaces, veth links and bridges, all named `sv-...`.
 
-    root namespace ── sv-ctl (bridge, 169.254.0.1/16, the ONLY way into the lab)
+    root namespace ── sv-ctl (bridge, 169.254.0.1, the ONLY way into the lab; routes to the
+                        │  zones' control ranges 169.254.k.0/24 only, so the rest of the
+                        │  link-local range, e.g. a cloud's 169.254.169.254, is left alone)
                         │ sv-cN (veth)
     sv-rtr-N (router) ─ eth0 control 169.254.k.x/16 · eth1 guest gateway · eth2 public IP
                                  │ veth                      │ veth
@@ -29,7 +31,8 @@ from backend.errors import InvalidInput, SysvmError
 PREFIX = "sv-"
 CONTROL_BRIDGE = "sv-ctl"
 CONTROL_GATEWAY = "169.254.0.1"
-CONTROL_CIDR = "169.254.0.0/16"
+CONTROL_PREFIX = 16  # a router's control NIC: every control address is on its link
+ZONE_CONTROL_PREFIX = 24  # what the root namespace routes to the bridge: one zone's range
 PUBLIC_NS = "sv-pub"
 BRIDGE = "br0"
 UNREACHABLE_METRIC = "4242"  # marks the root namespace's unreachable routes as the lab's
@@ -165,19 +168,25 @@ async def new_ns(ns: str) -> None:
 async def ensure_base() -> None:
     """The control bridge in the root namespace and the public namespace (idempotent)."""
     if not await _link_exists(CONTROL_BRIDGE):
-        elsewhere = await routed_elsewhere(CONTROL_CIDR)
-        if elsewhere:
-            raise NetnsError(
-                f"{CONTROL_CIDR} is already routed here (by {elsewhere}); the netns lab's control "
-                "bridge needs it: remove that (e.g. `ip link del cloud0`) first"
-            )
         await ip("link", "add", CONTROL_BRIDGE, "type", "bridge")
-        await ip("addr", "add", f"{CONTROL_GATEWAY}/16", "dev", CONTROL_BRIDGE)
+        await ip("addr", "add", f"{CONTROL_GATEWAY}/32", "dev", CONTROL_BRIDGE)
         await ip("link", "set", CONTROL_BRIDGE, "up")
     if PUBLIC_NS not in namespaces():
         await new_ns(PUBLIC_NS)
         await ip("link", "add", BRIDGE, "type", "bridge", ns=PUBLIC_NS)
         await ip("link", "set", BRIDGE, "up", ns=PUBLIC_NS)
+
+
+async def ensure_control_range(control_ip: str) -> None:
+    """Route the zone's control range (of `control_ip`) from the root namespace to the bridge."""
+    cidr = str(ipaddress.ip_network(f"{control_ip}/{ZONE_CONTROL_PREFIX}", strict=False))
+    elsewhere = await routed_elsewhere(cidr)
+    if elsewhere:
+        raise NetnsError(
+            f"{cidr} is already routed here (by {elsewhere}); the netns lab's control bridge "
+            "needs it: remove that (e.g. `ip link del cloud0`) first"
+        )
+    await ip("route", "replace", cidr, "dev", CONTROL_BRIDGE, "src", CONTROL_GATEWAY)
 
 
 async def ensure_public_range(cidr: str, gateway: str) -> None:
@@ -241,6 +250,7 @@ async def plug_router(w: RouterWiring) -> str:
     ns = router_ns(w.vm_id)
     if ns in namespaces():
         await remove_ns(ns)
+    await ensure_control_range(w.control_ip)
     await ensure_public_range(w.public_cidr, w.public_gateway)
     net = await ensure_network(w.network_id)
     await new_ns(ns)
@@ -248,7 +258,7 @@ async def plug_router(w: RouterWiring) -> str:
     await ip("link", "del", link, check=False)
     await ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
     await ip("link", "set", link, "master", CONTROL_BRIDGE, "up")
-    await ip("addr", "add", f"{w.control_ip}/16", "dev", "eth0", ns=ns)
+    await ip("addr", "add", f"{w.control_ip}/{CONTROL_PREFIX}", "dev", "eth0", ns=ns)
     await ip("link", "set", "eth0", "up", ns=ns)
     await veth_to_bridge(ns, "eth1", net, f"r{w.vm_id}")
     await ip("addr", "add", f"{w.guest_ip}/{w.guest_prefix}", "dev", "eth1", ns=ns)
