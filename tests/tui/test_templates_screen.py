@@ -117,6 +117,14 @@ async def test_t_opens_the_templates_of_every_zone_and_esc_goes_back(
         assert "Templates" in text and "systemvm-template" in text and "DOWNLOADED" in text
         assert {"r", "u"} <= footer_keys(app)
         assert "D" not in footer_keys(app), "the system VM template cannot be deleted"
+
+        # / filters (! inverts); Esc clears the filter, a second Esc goes back.
+        await pilot.press("slash", *"!systemvm", "enter")
+        await pilot.pause()
+        assert screen.table.row_count == 0
+        await pilot.press("escape")
+        await pilot.pause()
+        assert screen.table.row_count == 1 and isinstance(app.screen, TemplatesScreen)
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)
 

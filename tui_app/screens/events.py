@@ -12,12 +12,11 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets import DataTable, Footer, Static
 
 from tui_app.event_batch import EventBatch
+from tui_app.screens.filtered_table import FilteredTableScreen
 from tui_app.widgets.filter_input import FilterInput
-from tui_app.widgets.inventory_tree import InventoryFilter
 from tui_app.widgets.record_table import RecordTable
 
 if TYPE_CHECKING:
@@ -34,7 +33,7 @@ def event_fields(event: EventRecord) -> str:
     return " ".join(f"{k}={v}" for k, v in event.fields.items() if v not in (None, "", [], {}))
 
 
-class EventsScreen(Screen[None]):
+class EventsScreen(FilteredTableScreen):
     """Every state change the engine reports, as it happens."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -53,7 +52,6 @@ class EventsScreen(Screen[None]):
         self.events: list[EventRecord] = []
         self.loaded = False
         self._batch = EventBatch(self, self._apply_events)
-        self._filter = InventoryFilter()
         self._fields_width = 0
         self.applied_batches = 0
 
@@ -140,11 +138,7 @@ class EventsScreen(Screen[None]):
         return cells
 
     def _matches(self, event: EventRecord) -> bool:
-        f = self._filter
-        if not f.active:
-            return True
-        text = f"{event.entity} {event.name} {event.kind} {event_fields(event)}".lower()
-        return (f.needle in text) != f.inverted
+        return self.filter_matches((event.entity, event.name, event.kind, event_fields(event)))
 
     def _rebuild(self) -> None:
         table = self.table
@@ -179,28 +173,6 @@ class EventsScreen(Screen[None]):
             self.sysvm.jump_to_name(record.name)
         elif record is not None and record.entity == "job":
             self.sysvm.run_command("jobs")
-
-    def action_filter(self) -> None:
-        self.query_one("#events-filter", FilterInput).open()
-
-    @on(Input.Changed, "#events-filter")
-    def _filter_changed(self, event: Input.Changed) -> None:
-        new = InventoryFilter.parse(event.value)
-        if new != self._filter:
-            self._filter = new
-            self._rebuild()
-
-    @on(FilterInput.Cleared)
-    @on(FilterInput.Kept)
-    def _filter_done(self) -> None:
-        self.table.focus()
-
-    def action_back(self) -> None:
-        box = self.query_one("#events-filter", FilterInput)
-        if box.value:
-            box.action_clear_filter()
-        else:
-            self.app.pop_screen()
 
 
 def _id(event: EventRecord) -> int:

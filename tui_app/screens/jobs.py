@@ -12,14 +12,13 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets import DataTable, Footer, Static
 
 from tui_app.event_batch import EventBatch
 from tui_app.screens.confirm import ConfirmScreen
+from tui_app.screens.filtered_table import FilteredTableScreen
 from tui_app.screens.job_details import JobDetailsScreen
 from tui_app.widgets.filter_input import FilterInput
-from tui_app.widgets.inventory_tree import InventoryFilter
 from tui_app.widgets.record_table import RecordTable
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ def job_row(job: JobInfo) -> dict[str, Any]:
     }
 
 
-class JobsScreen(Screen[None]):
+class JobsScreen(FilteredTableScreen):
     """Recent jobs of the engine; `c` cancels the one under the cursor."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -80,7 +79,6 @@ class JobsScreen(Screen[None]):
         self.jobs: dict[int, dict[str, Any]] = {}
         self.loaded = False
         self._batch = EventBatch(self, self._apply_events)
-        self._filter = InventoryFilter()
         self._message_width = 0
         self._cancellable = False
         self.listing_help = False
@@ -175,12 +173,8 @@ class JobsScreen(Screen[None]):
         ]
 
     def _matches(self, row: dict[str, Any]) -> bool:
-        f = self._filter
-        if not f.active:
-            return True
-        words = [row.get(k, "") for k in ("id", "kind", "target", "state", "message", "error")]
-        hit = f.needle in " ".join(str(w) for w in words).lower()
-        return hit != f.inverted
+        keys = ("id", "kind", "target", "state", "message", "error")
+        return self.filter_matches(row.get(k, "") for k in keys)
 
     def _rebuild(self) -> None:
         """Fill the table again (new jobs go on top; a filter changed), keeping the cursor."""
@@ -270,25 +264,3 @@ class JobsScreen(Screen[None]):
             ),
             answered,
         )
-
-    def action_filter(self) -> None:
-        self.query_one("#jobs-filter", FilterInput).open()
-
-    @on(Input.Changed, "#jobs-filter")
-    def _filter_changed(self, event: Input.Changed) -> None:
-        new = InventoryFilter.parse(event.value)
-        if new != self._filter:
-            self._filter = new
-            self._rebuild()
-
-    @on(FilterInput.Cleared)
-    @on(FilterInput.Kept)
-    def _filter_done(self) -> None:
-        self.table.focus()
-
-    def action_back(self) -> None:
-        box = self.query_one("#jobs-filter", FilterInput)
-        if box.value:
-            box.action_clear_filter()
-        else:
-            self.app.pop_screen()

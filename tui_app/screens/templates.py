@@ -3,7 +3,8 @@
 Below the table, each running transfer has a line with a progress bar, percent, bytes, speed
 and ETA; a waiting one says why. `r` registers a template from a URL, `u` uploads a local
 file, `c` cancels the selected transfer, `D` deletes a template (both after asking), Enter
-opens the transfer's job, Esc goes back. Read-only mode removes r/u/c/D.
+opens the transfer's job, `/` filters (zone, name, format, state, error), Esc goes back.
+Read-only mode removes r/u/c/D.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from backend.errors import Conflict
 from tui_app.event_batch import EventBatch
 from tui_app.screens.confirm import ConfirmScreen
+from tui_app.screens.filtered_table import FilteredTableScreen
 from tui_app.screens.job_details import JobDetailsScreen
 from tui_app.screens.template_form import RegisterTemplateScreen, UploadTemplateScreen
 from tui_app.transfer_progress import TransferMeter, bytes_of, human_bytes, waiting_words
+from tui_app.widgets.filter_input import FilterInput
 from tui_app.widgets.record_table import RecordTable
 from tui_app.widgets.transfer_panel import TransferLine, TransferPanel
 
@@ -84,13 +86,14 @@ def failure_words(row: dict[str, Any]) -> str:
     return f"{word}: {message}" if word and not message.startswith(word) else message
 
 
-class TemplatesScreen(Screen[None]):
+class TemplatesScreen(FilteredTableScreen):
     """Templates of every zone; live from "template" events, coalesced once a frame."""
 
     SCOPED_CSS = False  # so the `.-ascii` rule (a class of the app) reaches it
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back", id="templates.back"),
+        Binding("slash", "filter", "Filter", show=False, id="templates.filter"),
         Binding("r", "register_template", "Register", id="templates.register"),
         Binding("u", "upload_template", "Upload", id="templates.upload"),
         Binding("c", "cancel_transfer", "Cancel", id="templates.cancel"),
@@ -127,6 +130,9 @@ class TemplatesScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Static("Templates", id="templates-title")
+        yield FilterInput(
+            placeholder="filter: zone, name, format, state, error", id="templates-filter"
+        )
         yield Static("No templates yet. r registers one from a URL.", id="templates-empty")
         yield RecordTable(id="templates-table")
         yield TransferPanel(ascii=self.sysvm.ascii, id="templates-transfers")
@@ -213,7 +219,7 @@ class TemplatesScreen(Screen[None]):
                 self._schedule_reload()
             self._apply_update(row, event)
             changed.add(template_id)
-        if structural:
+        if structural or self._filter.active:
             self._rebuild()
         else:
             self._update_rows(changed)
@@ -273,7 +279,9 @@ class TemplatesScreen(Screen[None]):
         table.add_column(LAST[1], key=LAST[0], width=max(12, self.size.width - used - 3))
         self._last_width = self.size.width
         for template_id in self._sorted_ids():
-            table.add_row(*self._cells(self.templates[template_id]), key=str(template_id))
+            row = self.templates[template_id]
+            if self._matches(row):
+                table.add_row(*self._cells(row), key=str(template_id))
         self.query_one("#templates-empty").set_class(self.loaded and not self.templates, "-shown")
         if keep is not None and str(keep) in table.rows:
             table.move_cursor(row=table.get_row_index(str(keep)), animate=False)
@@ -282,6 +290,11 @@ class TemplatesScreen(Screen[None]):
         self._refresh_panel()
         self._refresh_detail()
         self._refresh_keys()
+
+    def _matches(self, row: dict[str, Any]) -> bool:
+        return self.filter_matches(
+            row.get(k, "") for k in ("zone", "name", "format", "state", "error")
+        )
 
     def _update_rows(self, template_ids: set[int]) -> None:
         table = self.table
@@ -505,9 +518,6 @@ class TemplatesScreen(Screen[None]):
             ),
             answered,
         )
-
-    def action_back(self) -> None:
-        self.app.pop_screen()
 
 
 async def _transfer_job(api: EngineAPI, zone: str, name: str) -> int:
