@@ -69,6 +69,15 @@ class NetnsGuests:
         self._lock = asyncio.Lock()
         self._base_ready = False
 
+    @property
+    def boot_delay(self) -> float:
+        """Seconds a local guest takes to boot (`lab.boot_delay`; netns routers boot at once)."""
+        return self.local.boot_delay
+
+    @boot_delay.setter
+    def boot_delay(self, seconds: float) -> None:
+        self.local.boot_delay = seconds
+
     def is_netns(self, vm: SystemVM) -> bool:
         return vm.type == SystemVMType.ROUTER.value and vm.host_id in self.netns_hosts
 
