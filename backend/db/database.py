@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -25,9 +22,6 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from backend.errors import SchemaTooNew, SysvmError
-
-MIGRATIONS = Path(__file__).parent / "migrations"
 T = TypeVar("T")
 
 
@@ -35,54 +29,66 @@ def sqlite_url(path: Path, *, driver: str = "aiosqlite") -> str:
     return f"sqlite+{driver}:///{path}"
 
 
-def _alembic_config(sync_url: str) -> AlembicConfig:
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", sync_url)
-    return cfg
+SCHEMA_HEAD = "0001"
+"""The newest schema revision (`backend.db.schema.head_revision()`, checked by a test). A database
+already there opens without loading alembic, which would stay in the engine's memory (~11 MiB)."""
 
 
-def head_revision() -> str:
-    """The newest schema revision this sysvm knows."""
-    head = ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
-    assert head is not None
-    return head
+ALEMBIC_VERSION_TABLE = (
+    "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+    "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+)
+"""As alembic itself creates it, so later migrations find what they expect."""
 
 
-def migrate(path: Path) -> str:
-    """Bring the database at `path` to the newest schema; refuse one written by a newer sysvm.
-
-    Blocking: call it in a thread. Returns the revision the database is at afterwards.
-    """
-    sync_url = sqlite_url(path, driver="pysqlite")
-    cfg = _alembic_config(sync_url)
-    script = ScriptDirectory.from_config(cfg)
-    engine = create_engine(sync_url)
+def current_revision(path: Path) -> str | None:
+    """The schema revision the database at `path` records (None: new or never migrated)."""
+    if not path.exists():
+        return None
     try:
-        with engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-        if current is not None:
-            try:
-                script.get_revision(current)
-            except Exception as exc:
-                raise SchemaTooNew(
-                    f"database {path} has schema revision {current}, which this sysvm "
-                    f"(schema {script.get_current_head()}) does not know: it was written by a newer "
-                    "sysvm; upgrade sysvm or point SYSVM_HOME elsewhere (nothing was changed)"
-                ) from exc
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return None  # no such table yet, or unreadable: the migration says which
+    return str(row[0]) if row else None
+
+
+async def ensure_schema(path: Path) -> str:
+    """Bring the database at `path` to SCHEMA_HEAD and return it.
+
+    A database already there, or a new one, never loads alembic: a new one gets the model's
+    tables directly and is stamped with SCHEMA_HEAD (a test checks that this is exactly what the
+    migrations build). Only an older database is migrated with alembic (`backend.db.schema`),
+    which also refuses one written by a newer sysvm."""
+    current = await asyncio.to_thread(current_revision, path)
+    if current == SCHEMA_HEAD:
+        return SCHEMA_HEAD
+    if current is None and await asyncio.to_thread(_create_if_empty, path):
+        return SCHEMA_HEAD
+    from backend.db.schema import migrate
+
+    return await asyncio.to_thread(migrate, path)
+
+
+def _create_if_empty(path: Path) -> bool:
+    """Create the schema in a database without any table; False if it has tables already."""
+    from sqlalchemy import create_engine, inspect, text
+
+    from backend.db.models import Base
+
+    engine = create_engine(sqlite_url(path, driver="pysqlite"))
+    try:
         with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-    except SysvmError:
-        raise
-    except DatabaseError as exc:
-        raise SysvmError(
-            f"cannot open database {path}: {exc.orig}; if it is damaged, move it aside "
-            "(the engine then starts empty)"
-        ) from exc
+            if inspect(conn).get_table_names():
+                return False
+            Base.metadata.create_all(conn)
+            conn.execute(text(ALEMBIC_VERSION_TABLE))
+            conn.execute(
+                text("INSERT INTO alembic_version (version_num) VALUES (:v)"), {"v": SCHEMA_HEAD}
+            )
     finally:
         engine.dispose()
-    return head_revision()
+    return True
 
 
 class Database:
@@ -102,7 +108,7 @@ class Database:
     async def open(self) -> str:
         """Migrate (in a thread) and return the schema revision."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return await asyncio.to_thread(migrate, self.path)
+        return await ensure_schema(self.path)
 
     async def close(self) -> None:
         await self.engine.dispose()
