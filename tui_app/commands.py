@@ -42,7 +42,7 @@ class ObjectCommands(Provider):
 
 
 class ViewCommands(Provider):
-    """The screens: jobs, events, templates, help."""
+    """The screens: jobs, events, templates, help, and each network's router rules."""
 
     VIEWS = (
         ("Jobs", "jobs", "recent jobs, cancel one (:jobs)"),
@@ -61,7 +61,13 @@ class ViewCommands(Provider):
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        for title, word, help_text in self.VIEWS:
+        views = list(self.VIEWS)
+        views += [
+            (f"Router rules {o.name}", f"rules {o.name}", "edit its router's rules (:rules, e)")
+            for o in self.sysvm.object_names()
+            if o.kind == "network"
+        ]
+        for title, word, help_text in views:
             score = matcher.match(title)
             if score > 0:
                 yield Hit(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.command import CommandPalette
 
 from backend.engine.core import Engine
 from tui_app.app import SysvmApp
@@ -343,3 +344,18 @@ async def test_an_apply_the_router_cannot_take_fails_in_words(
             what="the failure in words",
         )
         assert "Traceback" not in screen_text(app)
+
+
+async def test_the_palette_finds_a_networks_router_rules(net_lab: Engine, wait_until: Any) -> None:
+    app = SysvmApp(net_lab)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, wait_until)
+        await pilot.press("ctrl+p")
+        await wait_until(pilot, lambda: CommandPalette.is_open(app), what="the palette")
+        await pilot.press(*"rules zone1-net1")
+        await wait_until(
+            pilot, lambda: "edit its router's rules" in screen_text(app), what="the hit"
+        )
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, RouterRulesScreen), what="editor")
+        assert isinstance(app.screen, RouterRulesScreen) and app.screen.network == NET
