@@ -359,3 +359,17 @@ async def test_the_palette_finds_a_networks_router_rules(net_lab: Engine, wait_u
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, RouterRulesScreen), what="editor")
         assert isinstance(app.screen, RouterRulesScreen) and app.screen.network == NET
+
+
+async def test_editor_keys_can_be_remapped_by_binding_id(net_lab: Engine, wait_until: Any) -> None:
+    app = SysvmApp(net_lab, keymap={"rules.add": "n", "rules.diff": "v"})
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_editor(pilot, app, wait_until)
+        keys = footer_keys(app)
+        assert "n" in keys and "v" in keys and "a" not in keys
+        await pilot.press("v")
+        await wait_until(pilot, lambda: isinstance(app.screen, RouterDiffScreen), what="diff")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen is screen)
+        await pilot.press("n")
+        await wait_until(pilot, lambda: isinstance(app.screen, RuleFormScreen), what="the form")
