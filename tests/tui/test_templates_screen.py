@@ -204,6 +204,7 @@ async def test_a_slow_transfer_shows_bar_percent_speed_and_eta_and_cancel_abando
         assert row is not None
         screen.table.move_cursor(row=screen.table.get_row_index(str(row["id"])))
         await pilot.pause()
+        assert "via s-" in text_of(screen.query_one("#templates-detail")), "the SSVM at work"
         assert "c" in footer_keys(app)
         await pilot.press("c")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))

@@ -380,8 +380,17 @@ class TemplatesScreen(FilteredTableScreen):
         source = row.get("url") or ("system VM template" if row.get("system") else "")
         where = f"{row.get('zone', '')}/{row.get('name', '')}"
         text = Text.assemble((where, "bold"), "  ", source, no_wrap=False)
-        if transfer.get("ssvm") and row["state"] in IN_PROGRESS:
-            text.append(f"  via {transfer['ssvm']}")
+        reason = str(transfer.get("reason") or "")
+        if row["state"] in IN_PROGRESS:
+            # "on s-2-VM" as the engine says it (events name the SSVM only so), or what
+            # happened to it ("s-2-VM was lost ...; resuming on a Running SSVM").
+            if reason.startswith("on "):
+                text.append(f"  via {reason[3:]}")
+            elif reason:
+                text.append("\n")
+                text.append(reason, style="yellow")
+            elif transfer.get("ssvm"):
+                text.append(f"  via {transfer['ssvm']}")
         if row.get("error"):
             text.append("\n")
             text.append(str(row["error"]), style="red")
