@@ -107,7 +107,9 @@ class NetnsGuests:
         await self._booting.cancel(vm.name)
         self._endpoints.pop(vm.name, None)
         ns = self._namespaces.pop(vm.name, None)
-        if ns is not None:
+        if ns is None and self.is_netns(vm):
+            ns = netns.router_ns(vm.id)  # a boot cut short may have made it already
+        if ns is not None and ns in netns.namespaces():
             await netns.remove_ns(ns)
         if not self.is_netns(vm):
             await self.local.halt(vm)
