@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="print the tree of zones, system VMs, networks and VMs")
     st.add_argument("--json", action="store_true", help="stable JSON (shape in README)")
 
+    con = sub.add_parser(
+        "console",
+        help="where a VM's console is (its VNC display) and the commands to open it from here",
+    )
+    con.add_argument("name", help="a system VM or guest VM, e.g. s-1-VM or zone1-net1-vm1")
+    con.add_argument("--json", action="store_true", help="the answer as JSON")
+
     eng = sub.add_parser("engine", help="the engine daemon of this home")
     esub = eng.add_subparsers(dest="action", required=True, metavar="ACTION")
     esub.add_parser("serve", help="run the engine in the foreground (clients start it themselves)")
@@ -454,6 +461,18 @@ async def _run(api: Any, args: argparse.Namespace, config: Config) -> int:
         tree = await api.status()
         _print_json(tree) if args.json else _print_status(tree)
         return 0
+    if cmd == "console":
+        where = await api.console(args.name)
+        if args.json:
+            _print_json(where)
+        elif where["vnc"] is None:
+            print(f"{where['vm']}: no console: {where['reason']}")
+        else:
+            vnc = where["vnc"]
+            print(f"{where['vm']}: VNC {vnc['listen']}:{vnc['port']} on {where['host']}")
+            for line in where["connect"]:
+                print(f"  {line}")
+        return 0 if where["vnc"] is not None else EXIT_ERROR
     if cmd == "config":
         rows = await api.config_show()
         if args.json:

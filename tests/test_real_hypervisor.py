@@ -101,6 +101,9 @@ async def test_system_vms_run_on_real_kvm_and_virsh_destroy_is_healed(
             assert virsh("domstate", name).stdout.strip() == "running"
             port = _vnc_port(name)
             assert port >= 5900 and _rfb_banner(port).startswith(b"RFB ")
+            where = await engine.console(name)  # the operator's way to that same screen
+            assert where["vnc"] == {"listen": "127.0.0.1", "port": port}, where
+            assert where["connect"] == [f"vncviewer 127.0.0.1::{port}"]
         oem = virsh("dumpxml", ssvm["name"]).stdout
         assert "cloudstack:template=domP type=secstorage" in oem
 

@@ -174,6 +174,9 @@ class RemoteEngine:
     async def system_vm(self, name: str) -> dict[str, Any]:
         return dict(await self.call("system_vm", name=name))
 
+    async def console(self, name: str) -> dict[str, Any]:
+        return dict(await self.call("console", name=name))
+
     async def system_vm_action(
         self, name: str, action: str, host: str | None = None, force: bool = False
     ) -> JobInfo:

@@ -104,6 +104,12 @@ class EngineAPI(Protocol):
         """One system VM, as in `system_vms_list` (NotFound if there is none of that name)."""
         ...
 
+    async def console(self, name: str) -> dict[str, Any]:
+        """Where the console of system VM or guest VM `name` is: {vm, kind, state, host, uri,
+        vnc: {listen, port} | None, connect: [commands for the jump host], reason (when vnc is
+        None)}. NotFound if there is no VM of that name."""
+        ...
+
     async def system_vm_action(
         self, name: str, action: str, host: str | None = None, force: bool = False
     ) -> JobInfo:

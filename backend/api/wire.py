@@ -21,6 +21,7 @@ METHODS = (
     "events",
     "system_vms_list",
     "system_vm",
+    "console",
     "system_vm_action",
     "guest_vm_deploy",
     "guest_vm_action",

@@ -442,6 +442,11 @@ class Engine:
             raise NotFound(f"no system VM named {name!r}; `sysvm systemvm list` shows them")
         return found[0]
 
+    async def console(self, name: str) -> dict[str, Any]:
+        from backend.services.console import console_of
+
+        return await console_of(self, name)
+
     async def system_vm_action(
         self, name: str, action: str, host: str | None = None, force: bool = False
     ) -> JobInfo:
