@@ -398,3 +398,20 @@ async def test_ascii_mode_draws_the_form_without_box_glyphs(
         text = screen_text(app)
         assert "Register a template from a URL" in text
         assert not set(text) & set("▼▲╭╮╰╯─│━"), "box drawing or triangles at 80x24"
+
+
+async def test_activity_strip_counts_the_transfers_it_has_no_room_for(
+    make_lab: MakeLab, origin: _Origin, wait_until: Any
+) -> None:
+    engine = await make_lab()
+    origin.rate = 256 * 1024
+    app = SysvmApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, wait_until)
+        for i in range(4):
+            await engine.template_register("zone1", f"t{i}", url(origin), "RAW")
+        strip = app.main_screen.query_one(ActivityStrip)
+        await wait_until(
+            pilot, lambda: "+2 more running" in text_of(strip), what="the count of the rest"
+        )
+        assert len([ln for ln in text_of(strip).splitlines() if "download t" in ln]) == 2

@@ -191,10 +191,12 @@ class ActivityStrip(Vertical):
         return f"{speed_text(rate)} {eta_text(done, total, rate)} {bytes_of(done, total)}"
 
     def _layout(self) -> None:
-        """Show up to MAX_ROWS jobs (oldest first) and a count of the rest."""
+        """Show up to MAX_ROWS lines: the jobs (oldest first), or as many as fit beside a
+        count of the rest."""
         if not self.is_mounted or not self.query("#no-jobs"):
             return  # not composed yet; on_mount lays out
-        shown = sorted(self.jobs)[:MAX_ROWS]
+        fit = MAX_ROWS if len(self.jobs) <= MAX_ROWS else MAX_ROWS - 1
+        shown = sorted(self.jobs)[:fit]
         for job_id in [j for j in self._rows if j not in shown]:
             self._rows.pop(job_id).remove()
         for job_id in shown:
