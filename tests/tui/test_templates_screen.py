@@ -16,6 +16,7 @@ from tests.test_template_transfers import BLOB, SHA256, _Origin, origin, url
 from tui_app.app import SysvmApp
 from tui_app.screens.confirm import ConfirmScreen
 from tui_app.screens.help import HelpScreen
+from tui_app.screens.job_details import JobDetailsScreen
 from tui_app.screens.main import MainScreen
 from tui_app.screens.template_form import RegisterTemplateScreen, UploadTemplateScreen
 from tui_app.screens.templates import TemplatesScreen
@@ -153,9 +154,20 @@ async def test_a_template_registered_from_the_form_reaches_downloaded(
         assert stored["state"] == "DOWNLOADED" and stored["size"] == len(BLOB)
         assert "blob" in screen_text(app)
 
-        # D deletes it, after a question naming it.
+        # Enter shows its transfer's job in full.
         screen.table.move_cursor(row=screen.table.get_row_index(str(stored["id"])))
         await pilot.pause()
+        await pilot.press("enter")
+        await wait_until(
+            pilot,
+            lambda: isinstance(app.screen, JobDetailsScreen) and app.screen.job is not None,
+            what="the transfer's job",
+        )
+        assert "template.download" in screen_text(app) and "succeeded" in screen_text(app)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen is screen)
+
+        # D deletes it, after a question naming it.
         await pilot.press("D")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         assert "Delete template blob in zone1?" in screen_text(app)

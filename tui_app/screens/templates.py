@@ -446,11 +446,22 @@ class TemplatesScreen(FilteredTableScreen):
     def _open(self, event: DataTable.RowSelected) -> None:
         """Enter: the transfer's job in full (when the template has one)."""
         row = self.selected
-        job_id = (row.get("transfer") or {}).get("job_id") if row is not None else None
-        if job_id:
-            self.app.push_screen(JobDetailsScreen(int(job_id), {}))
-        elif row is not None:
-            self.app.notify(f"{row['name']} has no transfer job", title="templates", timeout=3)
+        if row is not None:
+            self._open_job(str(row["zone"]), str(row["name"]), row.get("transfer") or {})
+
+    @work(group="templates-open", exclusive=True, exit_on_error=False)
+    async def _open_job(self, zone: str, name: str, transfer: dict[str, Any]) -> None:
+        job_id = transfer.get("job_id")
+        if not job_id:  # a transfer that started after the list was read: ask the engine
+            try:
+                job_id = await _transfer_job(self.sysvm.api, zone, name)
+            except Conflict:
+                self.app.notify(f"{name} has no transfer job", title="templates", timeout=3)
+                return
+            except Exception as exc:
+                self.sysvm.report_engine_error(exc, f"template {name}")
+                return
+        self.app.push_screen(JobDetailsScreen(int(job_id), {}))
 
     def _zones(self) -> list[str]:
         return [z.name for z in self.sysvm.main_screen.inventory.zones]
@@ -536,4 +547,4 @@ async def _transfer_job(api: EngineAPI, zone: str, name: str) -> int:
             job_id = (row.get("transfer") or {}).get("job_id")
             if job_id:
                 return int(job_id)
-    raise Conflict(f"template {name!r} in {zone} has no transfer to cancel")
+    raise Conflict(f"template {name!r} in {zone} has no transfer job")
