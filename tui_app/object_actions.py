@@ -17,13 +17,14 @@ if TYPE_CHECKING:
     from backend.api.protocol import EngineAPI
     from backend.api.types import JobInfo
 
-START_STOP, REBOOT, DESTROY, MIGRATE, RESTART_NETWORK, EDIT_RULES = (
+START_STOP, REBOOT, DESTROY, MIGRATE, RESTART_NETWORK, EDIT_RULES, CONSOLE = (
     "start_stop",
     "reboot",
     "destroy",
     "migrate",
     "restart_network",
     "edit_rules",
+    "console",
 )
 
 APPLIES_TO: dict[str, frozenset[str]] = {
@@ -33,6 +34,7 @@ APPLIES_TO: dict[str, frozenset[str]] = {
     MIGRATE: frozenset({SYSTEM_VM, ROUTER}),
     RESTART_NETWORK: frozenset({NETWORK, ROUTER}),
     EDIT_RULES: frozenset({NETWORK, ROUTER}),
+    CONSOLE: frozenset({SYSTEM_VM, ROUTER, GUEST_VM}),
 }
 """Action name -> the kinds of inventory item it works on."""
 

@@ -14,15 +14,17 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Static, Tree
+from textual.widgets import Input, Static, Tree
 
 from tui_app import object_actions as actions
 from tui_app.object_actions import ActionRequest, NotNow, applies, describe
 from tui_app.screens.confirm import ConfirmScreen
+from tui_app.screens.console_info import ConsoleInfoScreen
 from tui_app.screens.host_picker import HostChoice, HostPickerScreen
 from tui_app.widgets.activity_strip import ActivityStrip
 from tui_app.widgets.details_pane import DetailsPane
 from tui_app.widgets.filter_input import FilterInput
+from tui_app.widgets.fitting_footer import FittingFooter
 from tui_app.widgets.inventory_tree import (
     GROUP,
     HOST,
@@ -61,6 +63,7 @@ class MainScreen(Screen[None]):
         Binding("m", "migrate", "Migrate", id="object.migrate"),
         Binding("x", "restart_network", "Restart net", id="object.restart_network"),
         Binding("e", "edit_rules", "Rules", id="object.edit_rules"),
+        Binding("c", "console", "Console", id="object.console"),
         Binding("t", "templates", "Templates", show=False, id="main.templates"),
         Binding("J", "scroll_details(3)", "Details down", show=False, id="main.details_down"),
         Binding("K", "scroll_details(-3)", "Details up", show=False, id="main.details_up"),
@@ -90,7 +93,7 @@ class MainScreen(Screen[None]):
                 yield InventoryTree(ascii=app.ascii, id="inventory")
             yield DetailsPane(ascii=app.ascii, clock=app.clock, id="details")
         yield ActivityStrip(ascii=app.ascii, id="activity")
-        yield Footer(compact=True, show_command_palette=False)
+        yield FittingFooter()
 
     def on_mount(self) -> None:
         self._tree = self.query_one("#inventory", InventoryTree)
@@ -304,6 +307,20 @@ class MainScreen(Screen[None]):
         if applies(actions.EDIT_RULES, item):
             assert item is not None
             self.sysvm.open_rules(actions.network_name(item))
+
+    def action_console(self) -> None:
+        item = self._selected()
+        if applies(actions.CONSOLE, item):
+            assert item is not None
+            self.run_worker(self._show_console(item.name), group="console", exclusive=True)
+
+    async def _show_console(self, name: str) -> None:
+        try:
+            where = await self.sysvm.api.console(name)
+        except Exception as exc:  # shown in words, never as a traceback
+            self.sysvm.report_engine_error(exc, f"console of {name}")
+            return
+        self.app.push_screen(ConsoleInfoScreen(where))
 
     def _zone_hosts(self, zone: str) -> list[InventoryItem]:
         group = self._tree.item(GROUP, f"{zone}/hosts")
