@@ -100,3 +100,25 @@ async def test_the_engine_refuses_a_newer_schema_untouched(tmp_path: Path) -> No
     with pytest.raises(SchemaTooNew, match="written by a newer sysvm"):
         await ensure_schema(db)
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+def test_processes_opening_one_new_database_at_once_all_get_the_schema(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from backend.db.database import SCHEMA_HEAD
+
+    db = tmp_path / "sysvm.db"
+    probe = (
+        "import asyncio; from pathlib import Path; from backend.db.database import Database; "
+        f"print(asyncio.run(Database(Path({str(db)!r})).open()))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4
+    assert outs == [SCHEMA_HEAD] * 4
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -60,14 +62,28 @@ async def ensure_schema(path: Path) -> str:
     tables directly and is stamped with SCHEMA_HEAD (a test checks that this is exactly what the
     migrations build). Only an older database is migrated with alembic (`backend.db.schema`),
     which also refuses one written by a newer sysvm."""
-    current = await asyncio.to_thread(current_revision, path)
-    if current == SCHEMA_HEAD:
+    if await asyncio.to_thread(current_revision, path) == SCHEMA_HEAD:
         return SCHEMA_HEAD
-    if current is None and await asyncio.to_thread(_create_if_empty, path):
-        return SCHEMA_HEAD
-    from backend.db.schema import migrate
+    return await asyncio.to_thread(_bring_to_head, path)
 
-    return await asyncio.to_thread(migrate, path)
+
+def _bring_to_head(path: Path) -> str:
+    """Create or migrate, one process at a time (engines, tools and tests may open the same new
+    file at once): under an flock of `path`.lock, look again, then act."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        current = current_revision(path)
+        if current == SCHEMA_HEAD:
+            return SCHEMA_HEAD
+        if current is None and _create_if_empty(path):
+            return SCHEMA_HEAD
+        from backend.db.schema import migrate
+
+        return migrate(path)
+    finally:
+        os.close(fd)
 
 
 def _create_if_empty(path: Path) -> bool:
