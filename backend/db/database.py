@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+
+from backend.errors import SysvmError
 
 T = TypeVar("T")
 
@@ -77,8 +79,14 @@ def _bring_to_head(path: Path) -> str:
         current = current_revision(path)
         if current == SCHEMA_HEAD:
             return SCHEMA_HEAD
-        if current is None and _create_if_empty(path):
-            return SCHEMA_HEAD
+        try:
+            if current is None and _create_if_empty(path):
+                return SCHEMA_HEAD
+        except DatabaseError as exc:
+            raise SysvmError(
+                f"cannot open database {path}: {exc.orig}; if it is damaged, move it aside "
+                "(the engine then starts empty)"
+            ) from exc
         from backend.db.schema import migrate
 
         return migrate(path)
