@@ -220,6 +220,7 @@ class NetnsGuests:
         await asyncio.to_thread(self._prepare_site, site, vm.name)
         appliance = _appliance_argv(vm.name, site, ns)
         await asyncio.to_thread(self._write_sshd_files, vm, wiring.control_ip, where, appliance)
+        await self._start_service(ns, where, appliance)
         # What a router does as it starts: re-apply its last confirmed bundle, if it has one.
         try:
             await netns.run(
@@ -235,6 +236,24 @@ class NetnsGuests:
         )  # fmt: skip
         await _wait_listening(wiring.control_ip, SSH_PORT, BOOT_TIMEOUT)
         return wiring.control_ip, SSH_PORT
+
+    @staticmethod
+    async def _start_service(ns: str, where: Path, appliance: list[str]) -> None:
+        """The router's appliance service (`backend.appliance.router_service`): one process that
+        keeps its parsed state, reached through the relay sshd runs. It lives in the router's
+        namespace and ends with it."""
+        service = [
+            *(sys.executable, "-m", "backend.appliance.router_service"),
+            *appliance[3:],  # the same --vm --root --netns as the appliance command
+            *("--booted-at", f"{time.time():.3f}"),
+        ]
+        log_file = where / "appliance-service.log"
+        with log_file.open("ab") as out:
+            await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", ns, *service,
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                env={**os.environ, "PYTHONPATH": _IMPORT_ROOT}, start_new_session=True,
+            )  # fmt: skip
 
     @staticmethod
     def _prepare_site(site: Path, vm_name: str) -> None:
@@ -299,9 +318,10 @@ class NetnsGuests:
 
 
 def _appliance_argv(vm_name: str, site: Path, ns: str) -> list[str]:
-    """The router appliance's command (sshd's ForceCommand; also run once at boot)."""
+    """The router appliance's command (sshd's ForceCommand; also run once at boot): the relay
+    to the router's appliance service, which runs the command itself if the service is not up."""
     return [
-        *(sys.executable, "-m", "backend.appliance.forced_command"),
+        *(sys.executable, "-m", "backend.appliance.relay"),
         *("--vm", vm_name, "--root", str(site), "--netns", ns),
     ]
 
