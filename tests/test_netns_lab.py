@@ -192,6 +192,30 @@ async def test_port_forward_reaches_a_guest_server_and_deleting_it_cuts_the_path
     assert gone.returncode != 0 and gone.stdout != "vm1", gone
 
 
+async def test_the_routers_appliance_service_keeps_its_state_so_a_change_is_a_delta(
+    lab: NetnsLab,
+) -> None:
+    """sshd's relay hands every session to the router's long-lived appliance service: the second
+    apply is loaded as a delta, which needs the first one's ruleset in memory (a process per
+    session would load the complete ruleset every time)."""
+    router = await lab.router()
+    await until(lambda: _service_runs(router.name), 30, "the appliance service runs")
+    await lab.forward_8080(lab.vms[0])
+    first = await lab.apply()
+    assert first.result is not None and first.result["iptables"] == "full"
+    await lab.rule("firewall-ingress", public_ip=lab.public_ip, protocol="tcp", start_port=2222)
+    second = await lab.apply()
+    assert second.result is not None and second.result["iptables"] == "delta", second.result
+    assert second.result["drift"] is False
+
+
+async def _service_runs(vm: str) -> bool:
+    listed = await asyncio.to_thread(
+        subprocess.run, ["pgrep", "-f", f"router_service --vm {vm} "], capture_output=True
+    )
+    return listed.returncode == 0
+
+
 async def test_ingress_firewall_admits_exactly_the_listed_source(lab: NetnsLab) -> None:
     vm1 = lab.vms[0]
     lab.serve_http(vm1.ns, vm1.ip, 80, "vm1")
