@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from backend.errors import InvalidInput
 
 
-@dataclass(frozen=True)
-class Claim:
-    """One thing a rule occupies.
+class Claim(NamedTuple):
+    """One thing a rule occupies (a named tuple: a large bundle makes tens of thousands).
 
     `resource` names the thing (`("port", "203.0.113.5", "tcp")`, `("dhcp-mac", mac)`); claims on
     the same resource conflict when their [start, end] ranges overlap, unless both are `shared`
@@ -54,31 +54,14 @@ class _Ranges:
         self.owners.insert(i, (owner, claim))
 
 
-@dataclass
-class _Uses:
-    """The first shared and the first exclusive holder of one resource without ranges."""
-
-    shared: tuple[str, Claim] | None = None
-    exclusive: tuple[str, Claim] | None = None
-
-    def blocking(self, claim: Claim) -> tuple[str, Claim] | None:
-        if claim.shared:
-            return self.exclusive
-        return self.exclusive or self.shared
-
-    def record(self, owner: str, claim: Claim) -> None:
-        if claim.shared:
-            self.shared = self.shared or (owner, claim)
-        else:
-            self.exclusive = self.exclusive or (owner, claim)
-
-
 class ClaimIndex:
     """What the rules of one network occupy; `check` refuses a conflicting rule, `add` records one."""
 
     def __init__(self) -> None:
         self._ranges: dict[tuple[str, ...], _Ranges] = {}
-        self._uses: dict[tuple[str, ...], _Uses] = {}
+        # The first shared and the first exclusive holder of each resource without ranges.
+        self._shared: dict[tuple[str, ...], tuple[str, Claim]] = {}
+        self._exclusive: dict[tuple[str, ...], tuple[str, Claim]] = {}
 
     def check(self, claims: tuple[Claim, ...]) -> None:
         """Raise InvalidInput (naming the claim's field) if a claim meets one already recorded."""
@@ -94,7 +77,8 @@ class ClaimIndex:
         """Check the claims (also against each other), then record them as held by `owner`."""
         self.check(claims)
         for i, claim in enumerate(claims):
-            ClaimIndex._check_pair(claims[:i], claim)
+            if i:
+                ClaimIndex._check_pair(claims[:i], claim)
             self._record(owner, claim)
 
     @staticmethod
@@ -113,11 +97,17 @@ class ClaimIndex:
         if claim.start or claim.end:
             ranges = self._ranges.get(claim.resource)
             return ranges.overlapping(claim.start, claim.end) if ranges else None
-        uses = self._uses.get(claim.resource)
-        return uses.blocking(claim) if uses else None
+        exclusive = self._exclusive.get(claim.resource)
+        if exclusive is not None or claim.shared:
+            return exclusive
+        return self._shared.get(claim.resource)
 
     def _record(self, owner: str, claim: Claim) -> None:
         if claim.start or claim.end:
-            self._ranges.setdefault(claim.resource, _Ranges()).insert(owner, claim)
+            ranges = self._ranges.get(claim.resource)
+            if ranges is None:
+                ranges = self._ranges[claim.resource] = _Ranges()
+            ranges.insert(owner, claim)
         else:
-            self._uses.setdefault(claim.resource, _Uses()).record(owner, claim)
+            holders = self._shared if claim.shared else self._exclusive
+            holders.setdefault(claim.resource, (owner, claim))
