@@ -353,11 +353,13 @@ def _rules(
             before = previous.get(item.get("id"))  # type: ignore[arg-type]
             if before is not None and before.raw == item and before.id not in out:
                 out[before.id] = before
-                index.record(f"{before.rule.type} rule {before.id}", before.claims)
+                if before.claims:
+                    index.record(f"{before.rule.type} rule {before.id}", before.claims)
                 continue
         rule_id, rule = _canonical_rule(item, canonical, out) or _checked_rule(i, item, ctx, out)
-        out[rule_id] = BundleRule(rule_id, rule, item if keep_raw else None)  # type: ignore[arg-type]
-        pending.append((i, out[rule_id]))
+        entry = out[rule_id] = BundleRule(rule_id, rule, item if keep_raw else None)  # type: ignore[arg-type]
+        if entry.claims:  # firewall rules claim nothing
+            pending.append((i, entry))
     for i, entry in pending:
         try:
             index.add(f"{entry.rule.type} rule {entry.id}", entry.claims)

@@ -38,6 +38,8 @@ from backend.router.rules import (
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 _CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
+_MAX_IP_TEXT = len("255.255.255.255")
+_MAX_CIDR_TEXT = len("255.255.255.255/32")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 _HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -156,7 +158,8 @@ class CanonicalParser:
         return type(value) is str and value in self._public_ips
 
     def _guest_host(self, value: object) -> bool:
-        if type(value) is not str:
+        # Only short strings reach the caches (a hostile 5,000-character value is not kept).
+        if type(value) is not str or len(value) > _MAX_IP_TEXT:
             return False
         n = _ip_value(value)
         return (
@@ -172,13 +175,15 @@ class CanonicalParser:
             return None
         nets: dict[_Net, str] = {}
         for text in items:
-            net = _net_value(text) if type(text) is str else None
+            if type(text) is not str or len(text) > _MAX_CIDR_TEXT:
+                return None
+            net = _net_value(text)
             if net is None:
                 return None
             if inside_network and not (self._first <= net[0] and net[2] <= self._last):
                 return None
             nets[net] = text
-        return tuple(nets[k] for k in sorted(nets))
+        return (text,) if len(items) == 1 else tuple(nets[k] for k in sorted(nets))
 
     def _match(
         self, protocol: Protocol, fields: dict[str, Any]
