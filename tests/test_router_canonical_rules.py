@@ -111,6 +111,15 @@ IP_SAMPLES = [
     "127.0.0.1",
     "255.255.255.255",
     "10.1.1.\uff11",
+    "169.254.1.1",
+    "169.253.255.255",
+    "169.255.0.0",
+    "126.255.255.255",
+    "128.0.0.0",
+    "223.255.255.255",
+    "224.0.0.1",
+    "239.255.255.255",
+    "240.0.0.1",
 ]
 CIDR_SAMPLES = [
     "0.0.0.0/0",
@@ -152,7 +161,27 @@ MAC_SAMPLES = [
     "02:00:0a:01:01",
     "02:00:0a:01:01:0a:0b",
 ]
-LABEL_SAMPLES = ["web1", "Web1", "-web", "web-", "a" * 63, "a" * 64, "web.1", "1", "web_1"]
+LABEL_SAMPLES = [
+    "web1",
+    "Web1",
+    "-web",
+    "web-",
+    "a" * 63,
+    "a" * 64,
+    "web.1",
+    "1",
+    "web_1",
+    "db.example.org",
+    "db.Example.org",
+    "db..org",
+    ".db",
+    "db.",
+    "db.example.123",
+    "db.example.1a",
+    ".".join(["a" * 63] * 4),
+    ".".join(["a" * 63] * 3 + ["a" * 61]),
+    ".".join(["a" * 63] * 3 + ["a" * 62]),
+]
 SAMPLES: dict[str, list[Any]] = {
     "public_ip": IP_SAMPLES,
     "private_ip": IP_SAMPLES,
@@ -258,6 +287,7 @@ def test_the_fast_path_knows_the_rule_types_of_large_bundles() -> None:
         "firewall-egress",
         "port-forward",
         "dhcp-entry",
+        "dns-entry",
     }
 
 

@@ -11,6 +11,7 @@ checks both by property). Rule types without a canonical parser here always take
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from functools import lru_cache
@@ -21,6 +22,7 @@ from backend.router.rules import (
     MAX_CIDRS,
     MAX_EGRESS_PAIRS,
     DhcpEntry,
+    DnsEntry,
     FirewallEgressRule,
     FirewallIngressRule,
     IcmpMatch,
@@ -74,6 +76,16 @@ _PORT_FORWARD_KEYS = frozenset(
 _STATIC_NAT_KEYS = frozenset(("public_ip", "private_ip"))
 _SOURCE_NAT_KEYS = frozenset(("public_ip",))
 _DHCP_KEYS = frozenset(("mac", "ip", "hostname"))
+_DNS_KEYS = frozenset(("hostname", "ip"))
+# What check_unicast refuses, as (first, last) address ints: the unspecified address, loopback,
+# link-local, multicast and reserved (which holds 255.255.255.255).
+_NOT_UNICAST = tuple(
+    (int(net.network_address), int(net.broadcast_address))
+    for net in map(
+        ipaddress.IPv4Network,
+        ("0.0.0.0/32", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"),
+    )
+)
 
 # (first address, prefix length, last address) of a network, as ints; sorts as IPv4Network does.
 _Net = tuple[int, int, int]
@@ -140,6 +152,7 @@ class CanonicalParser:
             RuleType.STATIC_NAT.value: self._static_nat,
             RuleType.SOURCE_NAT.value: self._source_nat,
             RuleType.DHCP_ENTRY.value: self._dhcp_entry,
+            RuleType.DNS_ENTRY.value: self._dns_entry,
         }
 
     @property
@@ -267,3 +280,20 @@ class CanonicalParser:
         if type(hostname) is not str or not _HOST_LABEL.fullmatch(hostname):
             return None
         return DhcpEntry(mac, ip, hostname) if self._guest_host(ip) else None
+
+    def _dns_entry(self, f: dict[str, Any]) -> Rule | None:
+        if f.keys() != _DNS_KEYS:
+            return None
+        hostname, ip = f["hostname"], f["ip"]
+        if type(hostname) is not str or len(hostname) > 253:
+            return None
+        labels = hostname.split(".")
+        # Every label a lower-case RFC 1123 label, and the last not all digits (not an address).
+        if not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+            return None
+        if type(ip) is not str or len(ip) > _MAX_IP_TEXT:
+            return None
+        n = _ip_value(ip)
+        if n is None or any(first <= n <= last for first, last in _NOT_UNICAST):
+            return None
+        return DnsEntry(hostname, ip)
