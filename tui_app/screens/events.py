@@ -21,7 +21,6 @@ from tui_app.widgets.record_table import RecordTable
 
 if TYPE_CHECKING:
     from backend.api.types import EventRecord, JobInfo, StatusTree
-    from tui_app.app import SysvmApp
 
 BACKLOG = 200
 MAX_ROWS = 1000
@@ -55,27 +54,11 @@ class EventsScreen(FilteredTableScreen):
         self._fields_width = 0
         self.applied_batches = 0
 
-    @property
-    def sysvm(self) -> SysvmApp:
-        return self.app  # type: ignore[return-value]
-
     def compose(self) -> ComposeResult:
         yield Static("Events", id="events-title")
         yield FilterInput(placeholder="filter: entity, name, fields", id="events-filter")
         yield RecordTable(id="events-table")
         yield Footer(compact=True, show_command_palette=False)
-
-    def on_mount(self) -> None:
-        self.table.focus()
-        self.sysvm.add_engine_listener(self._on_snapshot, self._on_event)
-        self._load()
-
-    def on_unmount(self) -> None:
-        self.sysvm.remove_engine_listener(self._on_snapshot, self._on_event)
-
-    @property
-    def table(self) -> RecordTable:
-        return self.query_one("#events-table", RecordTable)
 
     @work(group="events-load", exclusive=True, exit_on_error=False)
     async def _load(self) -> None:

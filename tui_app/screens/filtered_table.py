@@ -7,6 +7,7 @@ the filter and goes back to the table; Esc clears it; Esc again leaves the scree
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from textual import on
 from textual.screen import Screen
@@ -16,17 +17,44 @@ from tui_app.widgets.filter_input import FilterInput
 from tui_app.widgets.inventory_tree import InventoryFilter
 from tui_app.widgets.record_table import RecordTable
 
+if TYPE_CHECKING:
+    from backend.api.types import EventRecord, JobInfo, StatusTree
+    from tui_app.app import SysvmApp
+
 
 class FilteredTableScreen(Screen[None]):
-    """Subclasses compose one FilterInput and one RecordTable, and redraw in `_rebuild`."""
+    """Subclasses compose one FilterInput and one RecordTable, read their records in `_load`,
+    follow the engine in `_on_snapshot` / `_on_event`, and redraw in `_rebuild`."""
 
     def __init__(self) -> None:
         super().__init__()
         self._filter = InventoryFilter()
 
     @property
+    def sysvm(self) -> SysvmApp:
+        return self.app  # type: ignore[return-value]
+
+    @property
     def table(self) -> RecordTable:
         return self.query_one(RecordTable)
+
+    def on_mount(self) -> None:
+        self.table.focus()
+        self.sysvm.add_engine_listener(self._on_snapshot, self._on_event)
+        self._load()
+
+    def on_unmount(self) -> None:
+        self.sysvm.remove_engine_listener(self._on_snapshot, self._on_event)
+
+    def _load(self) -> object:
+        """Start reading the records (a worker)."""
+        raise NotImplementedError
+
+    def _on_snapshot(self, status: StatusTree, jobs: list[JobInfo]) -> None:
+        raise NotImplementedError
+
+    def _on_event(self, event: EventRecord) -> None:
+        raise NotImplementedError
 
     def _rebuild(self) -> None:
         raise NotImplementedError

@@ -23,7 +23,6 @@ from tui_app.widgets.record_table import RecordTable
 
 if TYPE_CHECKING:
     from backend.api.types import EventRecord, JobInfo, StatusTree
-    from tui_app.app import SysvmApp
 
 HISTORY = 200
 ACTIVE = frozenset({"queued", "running"})
@@ -83,28 +82,12 @@ class JobsScreen(FilteredTableScreen):
         self._cancellable = False
         self.listing_help = False
 
-    @property
-    def sysvm(self) -> SysvmApp:
-        return self.app  # type: ignore[return-value]
-
     def compose(self) -> ComposeResult:
         yield Static("Jobs", id="jobs-title")
         yield FilterInput(placeholder="filter: id, kind, target, state, message", id="jobs-filter")
         yield Static("No jobs yet.", id="jobs-empty")
         yield RecordTable(id="jobs-table")
         yield Footer(compact=True, show_command_palette=False)
-
-    def on_mount(self) -> None:
-        self.table.focus()
-        self.sysvm.add_engine_listener(self._on_snapshot, self._on_event)
-        self._load()
-
-    def on_unmount(self) -> None:
-        self.sysvm.remove_engine_listener(self._on_snapshot, self._on_event)
-
-    @property
-    def table(self) -> RecordTable:
-        return self.query_one("#jobs-table", RecordTable)
 
     # -- data ---------------------------------------------------------------------------------
 

@@ -31,7 +31,6 @@ from tui_app.widgets.transfer_panel import TransferLine, TransferPanel
 if TYPE_CHECKING:
     from backend.api.protocol import EngineAPI
     from backend.api.types import EventRecord, JobInfo, StatusTree
-    from tui_app.app import SysvmApp
 
 RELOAD_SECONDS = 0.3
 IN_PROGRESS = frozenset({"DOWNLOAD_IN_PROGRESS", "UPLOAD_IN_PROGRESS"})
@@ -124,10 +123,6 @@ class TemplatesScreen(FilteredTableScreen):
         self._last_width = 0
         self._keys_state: tuple[bool, bool] = (False, False)
 
-    @property
-    def sysvm(self) -> SysvmApp:
-        return self.app  # type: ignore[return-value]
-
     def compose(self) -> ComposeResult:
         yield Static("Templates", id="templates-title")
         yield FilterInput(
@@ -138,18 +133,6 @@ class TemplatesScreen(FilteredTableScreen):
         yield TransferPanel(ascii=self.sysvm.ascii, id="templates-transfers")
         yield Static(id="templates-detail")
         yield Footer(compact=True, show_command_palette=False)
-
-    def on_mount(self) -> None:
-        self.table.focus()
-        self.sysvm.add_engine_listener(self._on_snapshot, self._on_event)
-        self._load()
-
-    def on_unmount(self) -> None:
-        self.sysvm.remove_engine_listener(self._on_snapshot, self._on_event)
-
-    @property
-    def table(self) -> RecordTable:
-        return self.query_one("#templates-table", RecordTable)
 
     @property
     def panel(self) -> TransferPanel:
