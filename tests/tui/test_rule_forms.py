@@ -125,3 +125,15 @@ def test_cells_and_summaries() -> None:
     assert cell(icmp, ("icmp_type", "icmp_code")) == "8"
     assert cell({"icmp_type": -1, "icmp_code": -1}, ("icmp_type", "icmp_code")) == "any"
     assert cell({}, ("start_port", "end_port")) == "-"
+
+
+def test_status_words_of_a_new_network_do_not_speak_of_changes() -> None:
+    from tui_app.screens.router_rules import status_words
+
+    base = {"router": "r-5-VM", "router_state": "Running", "version": 0, "pending": True}
+    words, _ = status_words({**base, "rules": []})
+    assert words.startswith("no rules yet") and "changes" not in words
+    words, _ = status_words({**base, "rules": [{"id": 1, "type": "port-forward"}]})
+    assert words.startswith("changes not applied (nothing applied yet)")
+    words, _ = status_words({**base, "version": 2, "pending": False, "rules": []})
+    assert words == "version 2 applied, live matches it"

@@ -55,6 +55,9 @@ def status_words(shown: dict[str, Any]) -> tuple[str, str]:
         return (f"router {router} is {state}: A applies once it runs again", "yellow")
     if shown.get("drift"):
         return ("live rules differ from desired (drift) — press A to reapply", "bold red")
+    if shown.get("pending") and not version and not shown.get("rules"):
+        # Only the network's base config (addresses, egress policy) waits: no rule changed.
+        return ("no rules yet — a adds one; A applies the network's base config", "yellow")
     if shown.get("pending"):
         live = f"version {version} live" if version else "nothing applied yet"
         return (f"changes not applied ({live}) — D shows them, A applies", "yellow")
