@@ -251,16 +251,24 @@ class TemplateFormScreen(ModalScreen["FormResult | None"]):
         raise NotImplementedError
 
 
+# The fields both forms ask for.
+ZONE = FormField("zone", "Zone", "zone1")
+NAME = FormField("name", "Name", "letters, digits, . _ -")
+FORMAT_CHECKSUM = (
+    FormField("format", "Format"),
+    FormField("checksum", "Checksum", "optional: {SHA-256}hex or MD5 hex", required=False),
+)
+
+
 class RegisterTemplateScreen(TemplateFormScreen):
     """`r`: zone, name, URL, format, optional checksum."""
 
     TITLE_WORDS = "Register a template from a URL"
     FIELDS = (
-        FormField("zone", "Zone", "zone1"),
-        FormField("name", "Name", "letters, digits, . _ -"),
+        ZONE,
+        NAME,
         FormField("url", "URL", "http(s)://host/path/image.qcow2"),
-        FormField("format", "Format"),
-        FormField("checksum", "Checksum", "optional: {SHA-256}hex or MD5 hex", required=False),
+        *FORMAT_CHECKSUM,
     )
     LOCATION = "url"
 
@@ -283,10 +291,9 @@ class UploadTemplateScreen(TemplateFormScreen):
     TITLE_WORDS = "Upload a template file"
     FIELDS = (
         FormField("file", "File", "path on the engine's machine"),
-        FormField("zone", "Zone", "zone1"),
-        FormField("name", "Name", "letters, digits, . _ -"),
-        FormField("format", "Format"),
-        FormField("checksum", "Checksum", "optional: {SHA-256}hex or MD5 hex", required=False),
+        ZONE,
+        NAME,
+        *FORMAT_CHECKSUM,
     )
     LOCATION = "file"
 
