@@ -41,8 +41,6 @@ logging.basicConfig(
 )
 
 from backend.appliance.router.netfilter import render_ruleset  # noqa: E402
-from backend.config import load_config  # noqa: E402
-from backend.engine.core import Engine  # noqa: E402
 from backend.router.bundle import RouterBundle  # noqa: E402
 from backend.transport.ssh import (  # noqa: E402
     SystemVMTransport,
@@ -50,10 +48,8 @@ from backend.transport.ssh import (  # noqa: E402
     load_client_key,
     new_host_key,
 )
-from bench.loop_lag import LoopLag  # noqa: E402
+from bench.bench_router_concurrent import ROUTERS, many_routers  # noqa: E402
 from tests.test_router_render import big_bundle, one_rule_changed  # noqa: E402
-
-ROUTERS = 100
 
 
 def ns(name: str, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -231,52 +227,6 @@ def _median(values: list[float]) -> float:
 def _median_parts(parts: list[dict[str, float]]) -> dict[str, float]:
     keys = parts[0].keys()
     return {k: round(statistics.median(p.get(k, 0.0) for p in parts), 1) for k in keys}
-
-
-async def many_routers(count: int) -> dict[str, Any]:
-    """`count` routers of one engine apply at once; the engine's loop is sampled meanwhile."""
-    home = Path(tempfile.mkdtemp(prefix="sysvm-bench-"))
-    zones = (count + 1) // 2
-    engine = Engine(load_config(home=home, env={"SYSVM_HOME": str(home)}))
-    await engine.start()
-    try:
-        job = await engine.lab_up(zones=zones, hosts=1, networks=2, vms=1)
-        job = await engine.wait_job(job.id, 1800)
-        assert job.state == "succeeded", job.error
-        tree = await engine.status()
-        networks = [n["name"] for z in tree["zones"] for n in z["networks"]][:count]
-        for i, net in enumerate(networks):
-            public_ip = (await engine.router_show(net))["public_ip"]
-            await engine.router_rule_add(
-                net,
-                "firewall-ingress",
-                {
-                    "public_ip": public_ip,
-                    "protocol": "tcp",
-                    "start_port": 1000 + i,
-                    "source_cidrs": ["0.0.0.0/0"],
-                },
-            )
-        with LoopLag() as idle:
-            await asyncio.sleep(2)
-        start = time.perf_counter()
-        with LoopLag() as busy:
-            jobs = await asyncio.gather(
-                *(engine.router_apply(net, confirm_timeout=30) for net in networks)
-            )
-            finished = await asyncio.gather(*(engine.wait_job(j.id, 600) for j in jobs))
-        wall = time.perf_counter() - start
-        failed = [j.error for j in finished if j.state != "succeeded"]
-        assert not failed, failed[:3]
-        return {
-            "routers": len(networks),
-            "wall_s": round(wall, 2),
-            "loop_stall": busy.summary(),
-            "idle_loop_stall": idle.summary(),
-        }
-    finally:
-        await engine.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 async def main() -> None:
