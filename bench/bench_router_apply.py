@@ -41,7 +41,7 @@ logging.basicConfig(
 )
 
 from backend.appliance.router.netfilter import render_ruleset  # noqa: E402
-from backend.router.bundle import RouterBundle  # noqa: E402
+from backend.router.bundle import RouterBundle, bundle_patch  # noqa: E402
 from backend.transport.ssh import (  # noqa: E402
     SystemVMTransport,
     generate_keypair,
@@ -187,16 +187,27 @@ async def netns_variant(
                 inside.append(answer["timings_ms"])
     deltas: list[float] = []
     delta_inside: list[dict[str, float]] = []
+    patch_build: list[float] = []
+    patch_bytes = 0
     with namespace() as name:
         async with router_in(host, transport, name, variant, root) as call:
             await call("apply", text)
-            current = big
-            for i in range(rounds * 2):
-                current = one_rule_changed(current, 1, start_port=50_000 + i, end_port=50_010 + i)
-                t, answer = await call("apply", current.to_json())
+            current = RouterBundle.from_json(text)
+            for i in range(rounds * 4):
+                # The engine's way: the new bundle is built with the last one as `previous`
+                # (unchanged rules are reused), and only a patch of it crosses SSH.
+                changed = one_rule_changed(current, 1, start_port=50_000 + i, end_port=50_010 + i)
+                nxt = RouterBundle.from_json(changed.to_json(), current)
+                start = time.perf_counter()
+                patch = bundle_patch(current, nxt)
+                patch_build.append(time.perf_counter() - start)
+                patch_bytes = len(patch)
+                t, answer = await call("apply --patch", patch)
                 assert answer["iptables"] == "delta" and not answer["drift"], answer
+                assert answer["digest"] == nxt.digest, answer
                 deltas.append(t)
                 delta_inside.append(answer["timings_ms"])
+                current = nxt
     shutil.rmtree(root, ignore_errors=True)
     return {
         "bundle_bytes": len(text),
@@ -204,7 +215,10 @@ async def netns_variant(
         "full_apply_runs_s": [round(x, 3) for x in fulls],
         "full_inside_router_ms": _median_parts(inside),
         "one_rule_change_s": _median(deltas),
+        "one_rule_change_runs_s": [round(x, 3) for x in deltas],
         "one_rule_inside_router_ms": _median_parts(delta_inside),
+        "one_rule_patch_bytes": patch_bytes,
+        "one_rule_patch_build_ms": round(_median(patch_build) * 1000, 2),
     }
 
 

@@ -29,12 +29,18 @@ from backend.appliance.router import vpn
 from backend.appliance.router.agent import register_router
 from backend.appliance.router.apply import RouterApplier
 from backend.appliance.router.layout import RouterPaths
-from backend.appliance.router.live_digest import canonical_netfilter, live_digest
+from backend.appliance.router.live_digest import (
+    canonical_netfilter,
+    digest_of,
+    live_digest,
+    save_shows,
+)
+from backend.appliance.router.netfilter import render_ruleset
 from backend.appliance.router.render import RenderedRouter, render_router
 from backend.appliance.router.rule_tables import NamespaceTables, TablesError
 from backend.appliance.router.site import RouterSite
 from backend.appliance.router.state_dir import SECRET_FILES
-from backend.router.bundle import BundleNetwork, RouterAddresses, RouterBundle
+from backend.router.bundle import BundleNetwork, RouterAddresses, RouterBundle, bundle_patch
 from backend.transport.ssh import (
     SystemVMTransport,
     generate_keypair,
@@ -744,6 +750,61 @@ async def test_netns_one_rule_change_is_applied_as_a_delta(
     assert repaired["iptables"] == "full (delta found drift)"
     assert repaired["drift"] is False
     assert (await lab.ok("check"))["drift"] is False
+
+
+@needs_netns
+@pytest.mark.parametrize("netns_lab", VARIANTS, indirect=True)
+async def test_netns_a_patch_is_applied_as_a_delta_with_an_exact_live_digest(
+    netns_lab: RouterLab, netns: str
+) -> None:
+    lab = netns_lab
+    variant = lab.sites[ROUTER].iptables
+    v1 = RouterBundle.from_json(web_bundle(1).to_json())
+    await lab.apply(v1)
+    v2 = web_bundle(2, ssh_port=2222)
+    answer = await lab.ok("apply --patch", bundle_patch(v1, v2))
+    assert answer["iptables"] == "delta" and answer["drift"] is False
+    assert answer["version"] == 2 and answer["digest"] == v2.digest
+    expected = rendered_for(v2, lab.root)
+    # The quick readback gave the digest that parsing what is live gives.
+    assert answer["live_digest"] == expected.expected_live_digest
+    assert live_digest(saved(netns, variant), expected.files) == expected.expected_live_digest
+    assert any("--dport 2222" in line for line in rule_lines(saved(netns, variant)))
+    # The router keeps the bundle the patch made: the next apply is refused as not newer, and
+    # boot re-applies it.
+    assert (await lab.ok("show"))["digest"] == v2.digest
+    # A patch of a bundle that is not live is refused naming `base`, and nothing changes.
+    stale = await lab.run("apply --patch", bundle_patch(v1, web_bundle(3, ssh_port=2223)))
+    assert stale.exit_status == 2 and stale.body["field"] == "base"
+    assert (await lab.ok("show"))["version"] == 2
+    # Someone changed another table: a patch touching one table still finds it (the readback
+    # reads every table) and loads the complete ruleset.
+    tamper = ns(netns, variant, "-t", "nat", "-A", "SYSVM_DNAT", "-j", "RETURN")
+    assert tamper.returncode == 0, tamper.stderr
+    v4 = web_bundle(4, ssh_port=2224)
+    repaired = await lab.ok("apply --patch", bundle_patch(v2, v4))
+    assert repaired["iptables"] == "full (delta found drift)" and repaired["drift"] is False
+    assert (await lab.ok("check"))["drift"] is False
+    booted = await lab.ok("boot")
+    assert booted["digest"] == v4.digest and booted["drift"] is False
+
+
+@needs_netns
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_netns_the_quick_readback_recognises_real_iptables_save_output(
+    netns: str, variant: str
+) -> None:
+    ruleset = render_ruleset(big_bundle())
+    loaded = ns(netns, f"{variant}-restore", stdin=ruleset.restore_text())
+    assert loaded.returncode == 0, loaded.stderr
+    tables = NamespaceTables(netns, variant)
+    text = tables.save()
+    assert save_shows(text, ruleset)
+    assert live_digest(text, {}) == digest_of(ruleset.canonical_text(), {})
+    assert ns(netns, variant, "-t", "mangle", "-D", "SYSVM_FWI_05", "1").returncode == 0
+    changed = tables.save()
+    assert not save_shows(changed, ruleset)
+    assert live_digest(changed, {}) != digest_of(ruleset.canonical_text(), {})
 
 
 @needs_netns

@@ -10,10 +10,11 @@ digest.
 
 from __future__ import annotations
 
+import bisect
 import gc
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -115,6 +116,25 @@ class BundleRule:
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "fields": self.rule.to_fields()}
 
+    @cached_property
+    def canonical(self) -> str:
+        """This rule's canonical JSON, computed once: a bundle's JSON and digest are assembled
+        from these, so a bundle that reuses most rules of its previous one costs a join."""
+        return _canonical(self.to_dict())
+
+
+@dataclass(frozen=True)
+class RuleChange:
+    """How a patched bundle's rules differ from those of `base`, the bundle it patched."""
+
+    base: RouterBundle
+    before: Mapping[int, BundleRule]  # base's rules that were removed or replaced, by id
+    after: Mapping[int, BundleRule]  # the rules added or replacing, by id
+
+    @property
+    def ids(self) -> set[int]:
+        return set(self.before) | set(self.after)
+
 
 @dataclass(frozen=True)
 class RouterBundle:
@@ -133,6 +153,9 @@ class RouterBundle:
     vpn_users: tuple[VpnUser, ...] = ()
     default_egress_policy: EgressPolicy = EgressPolicy.ALLOW
     control_sources: tuple[str, ...] = DEFAULT_CONTROL_SOURCES
+    # Set on a bundle made by a patch: what changed from the bundle it patched, so the renderers
+    # need not compare 10,000 rules to find the one that changed.
+    change: RuleChange | None = field(default=None, compare=False, hash=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON-able form."""
@@ -153,14 +176,27 @@ class RouterBundle:
         }
 
     def to_json(self) -> str:
-        """Canonical JSON: sorted keys, no insignificant whitespace, ASCII only."""
-        return _canonical(self.to_dict())
+        """Canonical JSON: sorted keys, no insignificant whitespace, ASCII only (exactly
+        `_canonical(self.to_dict())`, assembled from the rules' cached JSON)."""
+        return self._canonical_text({"version": self.version})
 
     @cached_property
     def digest(self) -> str:
         """sha256 (hex) of the canonical JSON of everything but the version."""
-        content = {"format": BUNDLE_FORMAT, **self._content()}
-        return hashlib.sha256(_canonical(content).encode()).hexdigest()
+        return hashlib.sha256(self._canonical_text({}).encode()).hexdigest()
+
+    def _canonical_text(self, extra: Mapping[str, Any]) -> str:
+        parts = {
+            "format": _canonical(BUNDLE_FORMAT),
+            "network": _canonical(self.network.to_dict()),
+            "addresses": _canonical(self.addresses.to_dict()),
+            "rules": "[" + ",".join([r.canonical for r in self.rules]) + "]",
+            "vpn_users": _canonical([u.to_fields() for u in self.vpn_users]),
+            "default_egress_policy": _canonical(self.default_egress_policy.value),
+            "control_sources": _canonical(list(self.control_sources)),
+            **{k: _canonical(v) for k, v in extra.items()},
+        }
+        return "{" + ",".join(f"{_canonical(k)}:{parts[k]}" for k in sorted(parts)) + "}"
 
     def rules_of(self, kind: type[R]) -> list[tuple[int, R]]:
         """(id, rule) of every rule of one class, by id."""
@@ -168,9 +204,24 @@ class RouterBundle:
 
     @cached_property
     def _by_type(self) -> dict[RuleType, list[tuple[int, Rule]]]:
+        change = self.change
+        if change is not None and "_by_type" in change.base.__dict__:
+            return _by_type_changed(change.base._by_type, change)
         out: dict[RuleType, list[tuple[int, Rule]]] = {}
         for r in self.rules:
             out.setdefault(r.rule.type, []).append((r.id, r.rule))
+        return out
+
+    @cached_property
+    def _claims(self) -> dict[tuple[str, ...], list[tuple[BundleRule, Claim]]]:
+        """Every rule's claims by resource (what a patch's rules are checked against)."""
+        change = self.change
+        if change is not None and "_claims" in change.base.__dict__:
+            return _claims_changed(change.base._claims, change)
+        out: dict[tuple[str, ...], list[tuple[BundleRule, Claim]]] = {}
+        for r in self.rules:
+            for claim in r.claims:
+                out.setdefault(claim.resource, []).append((r, claim))
         return out
 
     @classmethod
@@ -183,6 +234,82 @@ class RouterBundle:
                 raise InvalidInput("bundle", f"is not valid JSON: {exc}") from None
             # The parsed objects are ours alone, so rules keep them for reuse by the next bundle.
             return cls._validate(data, previous, keep_raw=True)
+
+    @classmethod
+    def from_patch(cls, text: str | bytes, previous: RouterBundle | None) -> RouterBundle:
+        """The bundle a patch (`bundle_patch`) makes of `previous`, validated exactly as a whole
+        bundle is. Refused (field `base`) unless `previous` is the patch's base, and (field
+        `digest`) unless the result has the digest the sender computed."""
+        with _cycle_collection_paused():
+            try:
+                data = json.loads(text, parse_constant=_refuse_constant)
+            except (ValueError, RecursionError) as exc:
+                raise InvalidInput("patch", f"is not valid JSON: {exc}") from None
+            top = FieldReader(data, _PATCH_KEYS)
+            check_int(top.name("format"), top.require("format"), BUNDLE_FORMAT, BUNDLE_FORMAT)
+            base = FieldReader(top.require("base"), ("version", "digest"), path="base")
+            base_version = check_int(base.name("version"), base.require("version"), 0, 2**63 - 1)
+            if (
+                previous is None
+                or previous.version != base_version
+                or previous.digest != base.require("digest")
+            ):
+                here = "no bundle" if previous is None else f"version {previous.version}"
+                raise InvalidInput(
+                    "base",
+                    f"version {base_version} is not the bundle this router runs ({here}); "
+                    "send the whole bundle",
+                )
+            drop_list = check_list("rules_drop", top.get("rules_drop", []), max_items=MAX_RULES)
+            drop = {
+                check_int(join("rules_drop", i), x, 1, 2**63 - 1) for i, x in enumerate(drop_list)
+            }
+            put = check_list("rules_put", top.get("rules_put", []), max_items=MAX_RULES)
+            version = check_int(top.name("version"), top.require("version"), 0, 2**63 - 1)
+            if any(k in data for k in _PATCHED_PARTS):
+                # Rare (the network, its addresses, users or policy changed): validate it whole.
+                drop |= {x["id"] for x in put if type(x) is dict and type(x.get("id")) is int}
+                whole = previous.to_dict_shallow()
+                whole.update({k: data[k] for k in _PATCHED_PARTS if k in data})
+                whole["version"] = version
+                whole["rules"] = [
+                    r.raw if r.raw is not None else r.to_dict()
+                    for r in previous.rules
+                    if r.id not in drop
+                ] + put
+                bundle = cls._validate(whole, previous, keep_raw=True)
+            else:
+                rules, change = _patched_rules(previous, drop, put)
+                bundle = cls(
+                    version,
+                    previous.network,
+                    previous.addresses,
+                    rules,
+                    previous.vpn_users,
+                    previous.default_egress_policy,
+                    previous.control_sources,
+                    change,
+                )
+        claimed = top.require("digest")
+        if bundle.digest != claimed:
+            raise InvalidInput(
+                "digest",
+                f"the patched bundle's digest is {bundle.digest}, not the {claimed!s:.64} sent; "
+                "send the whole bundle",
+            )
+        return bundle
+
+    def to_dict_shallow(self) -> dict[str, Any]:
+        """`to_dict` without the rules (the parts a patch may replace whole)."""
+        return {
+            "format": BUNDLE_FORMAT,
+            "version": self.version,
+            "network": self.network.to_dict(),
+            "addresses": self.addresses.to_dict(),
+            "vpn_users": [u.to_fields() for u in self.vpn_users],
+            "default_egress_policy": self.default_egress_policy.value,
+            "control_sources": list(self.control_sources),
+        }
 
     @classmethod
     def from_dict(cls, data: object, previous: RouterBundle | None = None) -> RouterBundle:
@@ -274,6 +401,35 @@ class RouterBundle:
         return cls.from_json(text, previous)
 
 
+_PATCHED_PARTS = ("network", "addresses", "vpn_users", "default_egress_policy", "control_sources")
+_PATCH_KEYS = ("format", "version", "digest", "base", "rules_put", "rules_drop", *_PATCHED_PARTS)
+
+
+def bundle_patch(old: RouterBundle, new: RouterBundle) -> str:
+    """JSON text that turns `old` (what the router runs) into `new` with `RouterBundle.from_patch`:
+    the rules added or changed, whole; the ids of rules removed; every other part that changed;
+    and both digests, so the router applies it only to `old` and checks the result is `new`."""
+    before = {r.id: r for r in old.rules}
+    put = []
+    for rule in new.rules:
+        was = before.pop(rule.id, None)
+        if was is None or (was is not rule and was.canonical != rule.canonical):
+            put.append(rule.canonical)
+    parts = {
+        "format": _canonical(BUNDLE_FORMAT),
+        "version": _canonical(new.version),
+        "digest": _canonical(new.digest),
+        "base": _canonical({"version": old.version, "digest": old.digest}),
+        "rules_put": "[" + ",".join(put) + "]",
+        "rules_drop": _canonical(sorted(before)),
+    }
+    old_parts, new_parts = old.to_dict_shallow(), new.to_dict_shallow()
+    for key in _PATCHED_PARTS:
+        if new_parts[key] != old_parts[key]:
+            parts[key] = _canonical(new_parts[key])
+    return "{" + ",".join(f"{_canonical(k)}:{parts[k]}" for k in sorted(parts)) + "}"
+
+
 _NETWORK_KEYS = ("name", "cidr", "gateway", "vlan", "domain", "dns_servers")
 _ADDRESS_KEYS = ("control_ip", "guest_ip", "public_ips")
 
@@ -351,7 +507,11 @@ def _rules(
     for i, item in enumerate(items):
         if previous and type(item) is dict:
             before = previous.get(item.get("id"))  # type: ignore[arg-type]
-            if before is not None and before.raw == item and before.id not in out:
+            if (
+                before is not None
+                and (before.raw is item or before.raw == item)
+                and before.id not in out
+            ):
                 out[before.id] = before
                 if before.claims:
                     index.record(f"{before.rule.type} rule {before.id}", before.claims)
@@ -368,11 +528,131 @@ def _rules(
     return tuple(out[k] for k in sorted(out))
 
 
+def changed_rule_ids(old: RouterBundle, new: RouterBundle) -> set[int]:
+    """Ids of rules added, removed or changed from `old` to `new`. A patched bundle knows them;
+    otherwise a rule counts as unchanged when `new` holds the very object `old` does (bundles
+    parsed with `previous` reuse unchanged rules), so this costs one dictionary pass; an equal
+    but re-parsed rule counts as changed, which only costs its re-render."""
+    if new.change is not None and new.change.base is old:
+        return new.change.ids
+    before = {r.id: r for r in old.rules}
+    changed = {r.id for r in new.rules if before.pop(r.id, None) is not r}
+    changed.update(before)
+    return changed
+
+
+def _patched_rules(
+    previous: RouterBundle, drop: set[int], put: list[Any]
+) -> tuple[tuple[BundleRule, ...], RuleChange]:
+    """`previous`'s rules without `drop`, with `put` added or replacing the rule of the same id;
+    every put rule is parsed and checked exactly as in a whole bundle. Kept rules passed those
+    checks together before, so each put rule is checked only against the kept rules claiming
+    the same resources. Rules are in id order, so the few that change are found by bisection."""
+    ctx = NetworkContext(
+        cidr=previous.network.cidr,
+        gateway=previous.network.gateway,
+        public_ips=frozenset(previous.addresses.public_ips),
+    )
+    canonical = CanonicalParser(ctx)
+    replaced = {x["id"] for x in put if type(x) is dict and type(x.get("id")) is int}
+    kept = list(previous.rules)
+    before: dict[int, BundleRule] = {}
+    for rule_id in sorted(drop | replaced, reverse=True):
+        i = bisect.bisect_left(kept, rule_id, key=_rule_id)
+        if i < len(kept) and kept[i].id == rule_id:
+            before[rule_id] = kept.pop(i)
+    taken = _SortedIds(kept)
+    added: list[BundleRule] = []
+    for i, item in enumerate(put):
+        try:
+            rule_id, rule = _canonical_rule(item, canonical, taken) or _checked_rule(
+                i, item, ctx, taken
+            )
+        except InvalidInput as exc:
+            raise InvalidInput(exc.field.replace("rules[", "rules_put[", 1), exc.reason) from None
+        taken.extra.add(rule_id)
+        added.append(BundleRule(rule_id, rule, item))
+    index = ClaimIndex()
+    held = previous._claims
+    for resource in {c.resource for entry in added for c in entry.claims}:
+        for r, claim in held.get(resource, ()):
+            if r.id not in before:
+                index.record(f"{r.rule.type} rule {r.id}", (claim,))
+    for i, entry in enumerate(added):
+        if entry.claims:
+            try:
+                index.add(f"{entry.rule.type} rule {entry.id}", entry.claims)
+            except InvalidInput as exc:
+                raise _in_rule(FieldReader({}, (), path=join("rules_put", i)), exc) from None
+    for entry in added:  # so few are added that inserting beats sorting
+        bisect.insort(kept, entry, key=_rule_id)
+    return tuple(kept), RuleChange(previous, before, {e.id: e for e in added})
+
+
+class _SortedIds:
+    """`in` for the ids of rules in id order (by bisection), plus ids added since."""
+
+    def __init__(self, rules: list[BundleRule]) -> None:
+        self.rules = rules
+        self.extra: set[int] = set()
+
+    def __contains__(self, rule_id: object) -> bool:
+        if rule_id in self.extra:
+            return True
+        if type(rule_id) is not int:
+            return False
+        i = bisect.bisect_left(self.rules, rule_id, key=_rule_id)
+        return i < len(self.rules) and self.rules[i].id == rule_id
+
+
+def _by_type_changed(
+    base: dict[RuleType, list[tuple[int, Rule]]], change: RuleChange
+) -> dict[RuleType, list[tuple[int, Rule]]]:
+    """A patched bundle's rules by type, from its base's: only the changed types' lists change."""
+    out = dict(base)
+    types = {r.rule.type for r in (*change.before.values(), *change.after.values())}
+    for kind in types:
+        keep = [(i, r) for i, r in base.get(kind, []) if i not in change.before]
+        keep += [(i, e.rule) for i, e in change.after.items() if e.rule.type is kind]
+        keep.sort(key=_first)
+        if keep:
+            out[kind] = keep
+        else:
+            out.pop(kind, None)
+    return out
+
+
+def _claims_changed(
+    base: dict[tuple[str, ...], list[tuple[BundleRule, Claim]]],
+    change: RuleChange,
+) -> dict[tuple[str, ...], list[tuple[BundleRule, Claim]]]:
+    """A patched bundle's claims by resource, from its base's: only touched resources change."""
+    out = dict(base)
+    entries = list(change.after.values())
+    gone = {c.resource for r in change.before.values() for c in r.claims}
+    for resource in gone | {c.resource for r in entries for c in r.claims}:
+        held = [(r, c) for r, c in base.get(resource, ()) if r.id not in change.before]
+        held += [(r, c) for r in entries for c in r.claims if c.resource == resource]
+        if held:
+            out[resource] = held
+        else:
+            out.pop(resource, None)
+    return out
+
+
+def _first(pair: tuple[int, Rule]) -> int:
+    return pair[0]
+
+
+def _rule_id(rule: BundleRule) -> int:
+    return rule.id
+
+
 _RULE_KEYS = frozenset(("id", "type", "fields"))
 
 
 def _canonical_rule(
-    item: object, canonical: CanonicalParser, taken: Mapping[int, BundleRule]
+    item: object, canonical: CanonicalParser, taken: Container[int]
 ) -> tuple[int, Rule] | None:
     """(id, rule) of a rule sent in canonical form, or None to let `_checked_rule` answer."""
     if type(item) is not dict or item.keys() != _RULE_KEYS:
@@ -385,7 +665,7 @@ def _canonical_rule(
 
 
 def _checked_rule(
-    i: int, item: object, ctx: NetworkContext, taken: Mapping[int, BundleRule]
+    i: int, item: object, ctx: NetworkContext, taken: Container[int]
 ) -> tuple[int, Rule]:
     """(id, rule) of any rule, every check made by the precise parser; errors name its place."""
     r = FieldReader(item, ("id", "type", "fields"), path=join("rules", i))

@@ -26,9 +26,20 @@ from backend.appliance.router.apply_errors import ApplyFailed, ApplyRefused
 from backend.appliance.router.delta import diff_rulesets
 from backend.appliance.router.installer import Stopwatch, TablesChange, install
 from backend.appliance.router.layout import RouterInterfaces, RouterPaths
-from backend.appliance.router.live_digest import live_digest, netfilter_state
-from backend.appliance.router.netfilter import BUILTIN, TABLES, Ruleset, render_ruleset
-from backend.appliance.router.render import SERVICE_FILES, render_files
+from backend.appliance.router.live_digest import (
+    digest_of,
+    live_digest,
+    netfilter_state,
+    save_shows,
+)
+from backend.appliance.router.netfilter import (
+    BUILTIN,
+    TABLES,
+    Ruleset,
+    render_ruleset,
+    update_ruleset,
+)
+from backend.appliance.router.render import SERVICE_FILES, files_unchanged, render_files
 from backend.appliance.router.rollback import restore_confirmed, roll_back
 from backend.appliance.router.rollback_timer import TimerLaunch, TimerNotArmed, disarm
 from backend.appliance.router.rule_tables import TablesError
@@ -43,7 +54,7 @@ from backend.appliance.router.state_dir import (
     new_serial,
 )
 from backend.errors import InvalidInput
-from backend.router.bundle import RouterBundle
+from backend.router.bundle import RouterBundle, changed_rule_ids
 from backend.router.rules import LoadBalancerRule
 
 MAX_DIFFERENCES = 50
@@ -57,23 +68,26 @@ class RenderedBundle:
 
     bundle: RouterBundle
     ruleset: Ruleset
-    iptables: str
     files: dict[str, str]
     services: dict[str, bool]
 
     @cached_property
+    def iptables(self) -> str:
+        """The complete iptables-restore input."""
+        return self.ruleset.restore_text()
+
+    @cached_property
     def expected_live_digest(self) -> str:
         """The live digest the router has once exactly this is live."""
-        return live_digest(self.iptables, self.files)
+        return digest_of(self.ruleset.canonical_text(), self.files)
 
 
 @dataclass(frozen=True)
 class _LiveCache:
-    """The live snapshot's parsed bundle and ruleset, valid while its serial is live."""
+    """What the live snapshot rendered to (its bundle parsed), valid while its serial is live."""
 
     serial: str
-    bundle: RouterBundle
-    ruleset: Ruleset
+    rendered: RenderedBundle
 
 
 class RouterApplier:
@@ -94,24 +108,36 @@ class RouterApplier:
 
     # ------------------------------------------------------------------ commands
 
-    def apply(self, text: str, confirm_timeout: float = 0.0) -> dict[str, Any]:
-        """`sysvm-router apply`: make the bundle in `text` live (see the module docstring)."""
+    def apply(
+        self, text: str, confirm_timeout: float = 0.0, *, patch: bool = False
+    ) -> dict[str, Any]:
+        """`sysvm-router apply`: make the bundle in `text` live (see the module docstring). With
+        `patch`, `text` is a patch (`bundle_patch`) of the live bundle, refused (field `base`)
+        when the live bundle is not its base."""
         watch = Stopwatch()
         # With a window, the timer's interpreter starts now, while the bundle is parsed and
         # rendered; it is armed just before the new rules go live.
         launch = self._launch_timer() if confirm_timeout > 0 else None
         try:
             cache = self._cache
+            previous = cache.rendered.bundle if cache else None
             try:
-                bundle = RouterBundle.from_json(text, cache.bundle if cache else None)
+                if patch:
+                    bundle = RouterBundle.from_patch(text, previous)
+                else:
+                    bundle = RouterBundle.from_json(text, previous)
             except InvalidInput as exc:
                 raise ApplyRefused(exc.field, exc.reason) from None
             watch.lap("parse")
-            rendered = self.render(bundle)
+            rendered = self.render(bundle, cache)
             watch.lap("render")
             with self.state.lock():
                 watch.lap("lock")
                 live = self.state.read_meta(LIVE)
+                if patch and (cache is None or live is None or live.serial != cache.serial):
+                    raise ApplyRefused(
+                        "base", "the live bundle changed while the patch was read; send it whole"
+                    )
                 if live is not None and live.version is not None and bundle.version <= live.version:
                     raise ApplyRefused(
                         "version",
@@ -121,7 +147,13 @@ class RouterApplier:
                         digest=live.digest,
                     )
                 return self._go_live(
-                    text, rendered, live, confirm_timeout, watch, full=False, launch=launch
+                    None if patch else text,
+                    rendered,
+                    live,
+                    confirm_timeout,
+                    watch,
+                    full=False,
+                    launch=launch,
                 )
         finally:
             if launch is not None:
@@ -269,7 +301,8 @@ class RouterApplier:
     def _boot_with(self, text: str) -> dict[str, Any]:
         watch = Stopwatch()
         try:
-            bundle = RouterBundle.from_json(text, self._cache.bundle if self._cache else None)
+            cache = self._cache
+            bundle = RouterBundle.from_json(text, cache.rendered.bundle if cache else None)
         except InvalidInput as exc:
             raise ApplyRefused(exc.field, exc.reason) from None
         watch.lap("parse")
@@ -300,21 +333,31 @@ class RouterApplier:
 
     # ------------------------------------------------------------------ work
 
-    def render(self, bundle: RouterBundle) -> RenderedBundle:
-        """Everything the bundle renders to for this router (as `render_router`, plus the ruleset)."""
-        ruleset = render_ruleset(bundle, self.ifs)
-        iptables = ruleset.restore_text()
-        files = render_files(bundle, self.ifs, self.paths)
+    def render(self, bundle: RouterBundle, cache: _LiveCache | None = None) -> RenderedBundle:
+        """Everything the bundle renders to for this router (as `render_router`, plus the
+        ruleset). With the live snapshot's rendering (`cache`), only what the changed rules
+        feed is rendered again: their bucket chains, and the files if they feed any."""
+        if cache is None:
+            ruleset = render_ruleset(bundle, self.ifs)
+            files = render_files(bundle, self.ifs, self.paths)
+        else:
+            old = cache.rendered
+            changed = changed_rule_ids(old.bundle, bundle)
+            ruleset = update_ruleset(old.bundle, old.ruleset, bundle, self.ifs, changed)
+            if files_unchanged(old.bundle, bundle, changed):
+                files = old.files
+            else:
+                files = render_files(bundle, self.ifs, self.paths)
         services = {
             "dnsmasq": True,
             "haproxy": bool(bundle.rules_of(LoadBalancerRule)),
             "vpn": vpn.vpn_of(bundle) is not None,
         }
-        return RenderedBundle(bundle, ruleset, iptables, files, services)
+        return RenderedBundle(bundle, ruleset, files, services)
 
     def _go_live(
         self,
-        text: str,
+        text: str | None,
         rendered: RenderedBundle,
         live: SnapshotMeta | None,
         confirm_timeout: float,
@@ -329,11 +372,13 @@ class RouterApplier:
         snapshot) runs in a thread while iptables-restore and iptables-save run."""
         bundle = rendered.bundle
         serial = new_serial()
-        snapshot = SnapshotData(text, rendered.iptables, rendered.files)
 
         def prepare() -> None:
             _ = bundle.digest, rendered.expected_live_digest  # cached for the answer
-            self.state.write_data(serial, snapshot)
+            bundle_json = text if text is not None else bundle.to_json()
+            self.state.write_data(
+                serial, SnapshotData(bundle_json, rendered.iptables, rendered.files)
+            )
 
         side_work = _in_background(prepare)
         old_pending = self.state.read_pending()
@@ -355,15 +400,15 @@ class RouterApplier:
             change, method = self._tables_change(rendered, live, full)
             try:
                 services = self._install(rendered, live, change, watch)
-                saved = self._measure()
-                watch.lap("readback")
                 side_work.result()
                 watch.lap("side_work")
+                saved = self._measure(rendered)
+                watch.lap("readback")
                 if saved != rendered.expected_live_digest and method in ("delta", "unchanged"):
                     # The tables were not the previous bundle's: load the complete ruleset.
                     method = "full (delta found drift)"
                     self._install(rendered, live, TablesChange(rendered.iptables), watch)
-                    saved = self._measure()
+                    saved = self._measure(rendered)
                     watch.lap("readback")
             except (TablesError, OSError) as exc:
                 if new_pending is not None:
@@ -393,7 +438,7 @@ class RouterApplier:
         if old_pending is not None:
             disarm(old_pending)
         self.state.collect_data()
-        self._cache = _LiveCache(meta.serial, bundle, rendered.ruleset)
+        self._cache = _LiveCache(meta.serial, rendered)
         watch.lap("record")
         watch.ms["total"] = round(sum(watch.ms.values()), 2)
         return {
@@ -424,7 +469,7 @@ class RouterApplier:
             return TablesChange(rendered.iptables, test=False), "recorded"
         cache = self._cache
         if not full and cache is not None and live is not None and cache.serial == live.serial:
-            delta = diff_rulesets(cache.ruleset, rendered.ruleset)
+            delta = diff_rulesets(cache.rendered.ruleset, rendered.ruleset)
             if delta.empty:
                 return None, "unchanged"
             # A delta within one table loads as one commit (legacy: one table replaced; nft: one
@@ -453,9 +498,15 @@ class RouterApplier:
             watch=watch,
         )
 
-    def _measure(self) -> str:
-        """The live digest of what is live now: the tables as saved, the config files on disk."""
-        return live_digest(self.tables.save(), self.state.read_config_files(_MANAGED))
+    def _measure(self, expected: RenderedBundle | None = None) -> str:
+        """The live digest of what is live now: the tables as saved, the config files on disk.
+        When they are exactly what `expected` rendered to, that is its digest, found without
+        parsing the saved text line by line (`save_shows`); anything else is parsed."""
+        saved = self.tables.save()
+        files = self.state.read_config_files(_MANAGED)
+        if expected is not None and files == expected.files and save_shows(saved, expected.ruleset):
+            return expected.expected_live_digest
+        return live_digest(saved, files)
 
     def _save_factory(self) -> SnapshotMeta:
         """Keep what runs before the first bundle as the confirmed snapshot, so that a first

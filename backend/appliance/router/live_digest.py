@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from backend.appliance.router.netfilter import BUILTIN, PREFIX, TABLES
+from backend.appliance.router.netfilter import BUILTIN, PREFIX, TABLES, Ruleset
 
 
 def netfilter_state(save_text: str) -> dict[str, dict[str, tuple[str, list[str]]]]:
@@ -59,10 +59,51 @@ def canonical_netfilter(save_text: str) -> str:
 
 def live_digest(iptables_save: str, files: Mapping[str, str]) -> str:
     """sha256 (hex) over the owned netfilter state and the service config files (name -> text)."""
+    return digest_of(canonical_netfilter(iptables_save), files)
+
+
+def digest_of(canonical: str, files: Mapping[str, str]) -> str:
+    """The live digest of netfilter state already in canonical form (`canonical_netfilter`)."""
     h = hashlib.sha256()
-    h.update(canonical_netfilter(iptables_save).encode())
+    h.update(canonical.encode())
     for name in sorted(files):
         data = files[name].encode()
         h.update(f"\n=== {name} {len(data)}\n".encode())
         h.update(data)
     return h.hexdigest()
+
+
+def save_shows(save_text: str, ruleset: Ruleset) -> bool:
+    """True when `iptables-save` text shows exactly `ruleset` in the tables we own: every chain
+    declared with its policy and holding its lines, and no other chain. Then its canonical form
+    (and live digest) is the ruleset's, which spares parsing 10,000 lines line by line.
+
+    iptables-save prints a table's chain declarations, then every chain's lines in that same
+    order, so the lines part must equal the ruleset's lines joined in that order. Anything else
+    (a chain more or less, another policy, a line changed, counters) answers False, and the
+    caller parses the text exactly (`live_digest`)."""
+    for table in TABLES:
+        start = save_text.find(f"*{table}\n")
+        if start < 0:
+            return False
+        start += len(table) + 2
+        end = save_text.find("COMMIT\n", start)
+        if end < 0:
+            return False
+        first_rule = save_text.find("-A ", start, end)
+        if first_rule < 0:
+            first_rule = end
+        expected = {c.name: c for c in ruleset.table(table)}
+        order = []
+        for decl in save_text[start:first_rule].splitlines():
+            name, policy = (decl[1:].split() + ["", ""])[:2]
+            chain = expected.get(name)
+            if not decl.startswith(":") or chain is None or policy != (chain.policy or "-"):
+                return False
+            order.append(chain)
+        if len(order) != len(expected) or len({c.name for c in order}) != len(order):
+            return False
+        lines = "\n".join(line for c in order for line in c.lines)
+        if save_text[first_rule:end] != (lines + "\n" if lines else ""):
+            return False
+    return True

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from backend.appliance.router.layout import RouterInterfaces
-from backend.router.bundle import RouterBundle
+from backend.appliance.router.rule_tables import TABLES
+from backend.router.bundle import RouterBundle, changed_rule_ids
 from backend.router.rules import (
     EgressPolicy,
     FirewallEgressRule,
@@ -48,7 +49,6 @@ from backend.router.rules import (
 
 PREFIX = "SYSVM_"
 BUCKETS = 64
-TABLES = ("filter", "nat", "mangle")
 BUILTIN: Mapping[str, tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
     "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -76,6 +76,7 @@ INPUT = Section("filter", "SYSVM_INPUT", "SYSVM_IN_")
 FORWARD = Section("filter", "SYSVM_FORWARD", "SYSVM_FWD_")
 FW_EGRESS = Section("filter", "SYSVM_FW_EGRESS", "SYSVM_FWE_")
 SECTIONS = (FW_INGRESS, DNAT, SNAT, INPUT, FORWARD, FW_EGRESS)
+_SECTION_OF_PREFIX = {s.bucket_prefix: s for s in SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,17 @@ class Ruleset:
         )
         return builtin + ours
 
+    def canonical_text(self) -> str:
+        """The tables as `live_digest.canonical_netfilter` writes them (tables and chains by
+        name, `:NAME POLICY` then its lines), without printing and parsing restore text."""
+        out: list[str] = []
+        for table in sorted(TABLES):
+            out.append(f"*{table}")
+            for c in sorted(self.table(table), key=_chain_name):
+                out.append(f":{c.name} {c.policy or '-'}")
+                out.extend(c.lines)
+        return "\n".join(out) + "\n"
+
     def restore_text(self) -> str:
         """Complete `iptables-restore` input (replaces the three tables whole)."""
         out: list[str] = []
@@ -121,6 +133,10 @@ class Ruleset:
                 out.extend(c.lines)
             out.append("COMMIT")
         return "\n".join(out) + "\n"
+
+
+def _chain_name(chain: Chain) -> str:
+    return chain.name
 
 
 def spec(
@@ -314,20 +330,67 @@ def rule_lines(
 def render_ruleset(bundle: RouterBundle, ifs: RouterInterfaces | None = None) -> Ruleset:
     """The complete netfilter state a bundle asks for."""
     ifs = ifs or RouterInterfaces()
-    net = bundle.network
-    egress_action = "DROP" if bundle.default_egress_policy is EgressPolicy.ALLOW else "ACCEPT"
+    action = _egress_action(bundle)
     buckets: dict[str, list[str]] = defaultdict(list)
     for entry in bundle.rules:
-        for chain, line in rule_lines(entry.id, entry.rule, ifs, egress_action):
+        for chain, line in rule_lines(entry.id, entry.rule, ifs, action):
             buckets[chain].append(line)
-    source_nat = [
-        spec(s=net.cidr, o=ifs.public, rule_id=rid, target=f"SNAT --to-source {snat.public_ip}")
-        for rid, snat in bundle.rules_of(SourceNatRule)
-    ]
+    chains = _builtin_chains(ifs)
+    for name, lines in buckets.items():
+        table = _SECTION_OF_PREFIX[name[:-2]].table
+        chains[(table, name)] = Chain(table, name, None, tuple(lines))
+    _put_heads(chains, bundle, ifs, action)
+    return Ruleset(chains)
 
+
+def update_ruleset(
+    old_bundle: RouterBundle,
+    old: Ruleset,
+    new_bundle: RouterBundle,
+    ifs: RouterInterfaces | None = None,
+    changed: set[int] | None = None,
+) -> Ruleset:
+    """`render_ruleset(new_bundle)`, computed from `old` (what `old_bundle` rendered to) by
+    re-rendering only the bucket chains of rules that differ (`changed`, their ids, if known),
+    and the head chains. A rule is
+    unchanged when the new bundle holds the same object (`changed_rule_ids`). Anything else that feeds every chain (the network, the
+    control sources, the egress policy) changing means a complete render."""
+    ifs = ifs or RouterInterfaces()
+    frame = ("network", "addresses", "control_sources", "default_egress_policy")
+    if any(getattr(old_bundle, k) != getattr(new_bundle, k) for k in frame):
+        return render_ruleset(new_bundle, ifs)
+    if changed is None:
+        changed = changed_rule_ids(old_bundle, new_bundle)
+    if len(changed) > len(new_bundle.rules) // 4:
+        return render_ruleset(new_bundle, ifs)
+    wanted = {rule_id % BUCKETS for rule_id in changed}
+    action = _egress_action(new_bundle)
+    buckets: dict[str, list[str]] = defaultdict(list)
+    for entry in new_bundle.rules:
+        if entry.id % BUCKETS in wanted:
+            for chain, line in rule_lines(entry.id, entry.rule, ifs, action):
+                buckets[chain].append(line)
+    chains = dict(old.chains)
+    for section in SECTIONS:
+        for k in wanted:
+            name = f"{section.bucket_prefix}{k:02d}"
+            lines = buckets.get(name)
+            if lines:
+                chains[(section.table, name)] = Chain(section.table, name, None, tuple(lines))
+            else:
+                chains.pop((section.table, name), None)
+    _put_heads(chains, new_bundle, ifs, action)
+    return Ruleset(chains)
+
+
+def _egress_action(bundle: RouterBundle) -> str:
+    return "DROP" if bundle.default_egress_policy is EgressPolicy.ALLOW else "ACCEPT"
+
+
+def _builtin_chains(ifs: RouterInterfaces) -> dict[tuple[str, str], Chain]:
     chains: dict[tuple[str, str], Chain] = {}
 
-    def put(table: str, name: str, policy: str | None, specs: Iterable[str]) -> None:
+    def put(table: str, name: str, policy: str, specs: Iterable[str]) -> None:
         chains[(table, name)] = Chain(table, name, policy, tuple(f"-A {name} {x}" for x in specs))
 
     for table, names in BUILTIN.items():
@@ -338,7 +401,18 @@ def render_ruleset(bundle: RouterBundle, ifs: RouterInterfaces | None = None) ->
     put("mangle", "PREROUTING", "ACCEPT", [spec(i=ifs.public, target=FW_INGRESS.head)])
     put("nat", "PREROUTING", "ACCEPT", [spec(target=DNAT.head)])
     put("nat", "POSTROUTING", "ACCEPT", [spec(target=SNAT.head)])
+    return chains
 
+
+def _put_heads(
+    chains: dict[tuple[str, str], Chain], bundle: RouterBundle, ifs: RouterInterfaces, action: str
+) -> None:
+    """Set each section's head chain: its fixed lines around jumps to its bucket chains."""
+    net = bundle.network
+    source_nat = [
+        spec(s=net.cidr, o=ifs.public, rule_id=rid, target=f"SNAT --to-source {snat.public_ip}")
+        for rid, snat in bundle.rules_of(SourceNatRule)
+    ]
     established = "-m conntrack --ctstate RELATED,ESTABLISHED"
     invalid = "-m conntrack --ctstate INVALID"
     heads: dict[Section, tuple[list[str], list[str]]] = {
@@ -383,7 +457,7 @@ def render_ruleset(bundle: RouterBundle, ifs: RouterInterfaces | None = None) ->
             ],
             [],
         ),
-        FW_EGRESS: ([], [spec(target="ACCEPT" if egress_action == "DROP" else "DROP")]),
+        FW_EGRESS: ([], [spec(target="ACCEPT" if action == "DROP" else "DROP")]),
         FW_INGRESS: ([spec(matches=[established], target="ACCEPT")], [spec(target="DROP")]),
         DNAT: ([], []),
         SNAT: (
@@ -399,13 +473,16 @@ def render_ruleset(bundle: RouterBundle, ifs: RouterInterfaces | None = None) ->
             source_nat,
         ),
     }
+    own: dict[Section, list[str]] = defaultdict(list)
+    for _table, name in chains:
+        section = _SECTION_OF_PREFIX.get(name[:-2])
+        if section is not None:
+            own[section].append(name)
     for section in SECTIONS:
-        before, after = heads[section]
-        own = sorted(n for n in buckets if n[:-2] == section.bucket_prefix)
-        put(section.table, section.head, None, [*before, *(spec(target=n) for n in own), *after])
-        for name in own:
-            chains[(section.table, name)] = Chain(section.table, name, None, tuple(buckets[name]))
-    return Ruleset(chains)
+        first, last = heads[section]
+        jumps = [spec(target=n) for n in sorted(own[section])]
+        lines = tuple(f"-A {section.head} {x}" for x in (*first, *jumps, *last))
+        chains[(section.table, section.head)] = Chain(section.table, section.head, None, lines)
 
 
 def render_iptables(bundle: RouterBundle, ifs: RouterInterfaces | None = None) -> str:

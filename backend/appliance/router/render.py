@@ -16,8 +16,8 @@ from backend.appliance.router.delta import render_delta
 from backend.appliance.router.layout import RouterInterfaces, RouterPaths
 from backend.appliance.router.live_digest import live_digest
 from backend.appliance.router.netfilter import render_iptables
-from backend.router.bundle import RouterBundle
-from backend.router.rules import LoadBalancerRule
+from backend.router.bundle import RouterBundle, changed_rule_ids
+from backend.router.rules import DhcpEntry, DnsEntry, LoadBalancerRule, RemoteAccessVpn, Rule
 
 SERVICE_FILES: Mapping[str, tuple[str, ...]] = {
     "dnsmasq": (dnsmasq.CONF, dnsmasq.DHCP_HOSTS, dnsmasq.HOSTS),
@@ -55,6 +55,27 @@ def render_files(
         vpn.PPP_OPTIONS: vpn.render_ppp_options(bundle),
         vpn.CHAP_SECRETS: vpn.render_chap_secrets(bundle),
     }
+
+
+FILE_RULES: tuple[type[Rule], ...] = (DhcpEntry, DnsEntry, LoadBalancerRule, RemoteAccessVpn)
+"""The rule types that config files are rendered from (the others are netfilter lines only)."""
+
+
+def files_unchanged(old: RouterBundle, new: RouterBundle, changed: set[int] | None = None) -> bool:
+    """Whether `new` renders to the same config files as `old`: the files read the network,
+    the VPN users and rules of the FILE_RULES types, and none of those changed."""
+    if (old.network, old.vpn_users) != (new.network, new.vpn_users):
+        return False
+    if new.change is not None and new.change.base is old:
+        entries = [*new.change.before.values(), *new.change.after.values()]
+        return not any(isinstance(e.rule, FILE_RULES) for e in entries)
+    if changed is None:
+        changed = changed_rule_ids(old, new)
+    if not changed:
+        return True
+    rules = [r.rule for r in old.rules if r.id in changed]
+    rules += [r.rule for r in new.rules if r.id in changed]
+    return not any(isinstance(rule, FILE_RULES) for rule in rules)
 
 
 def render_router(
