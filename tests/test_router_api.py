@@ -169,6 +169,33 @@ async def test_apply_confirms_then_check_and_a_recreated_router_gets_the_same_ru
     assert again["digest"] == checked["digest"] and live  # same bundle, live on the new router
 
 
+async def test_a_second_apply_sends_a_patch_and_an_engine_without_the_base_sends_it_whole(
+    net_engine: Engine,
+) -> None:
+    async def apply() -> dict[str, Any]:
+        job = await net_engine.router_apply("zone1-net1", confirm_timeout=5)
+        done = await net_engine.wait_job(job.id, 60)
+        assert done.state == "succeeded", done.error
+        assert done.result is not None
+        return done.result
+
+    await net_engine.router_rule_add("zone1-net1", "port-forward", PF)
+    first = await apply()
+    assert first["input"] == "bundle" and first["version"] == 1
+    await net_engine.router_rule_add("zone1-net1", "port-forward", {**PF, "public_port": 8081})
+    second = await apply()
+    assert second["input"] == "patch" and second["version"] == 2 and second["drift"] is False
+    shown = await net_engine.router_show("zone1-net1")
+    assert shown["digest"] == second["digest"] and shown["pending"] is False
+    assert len(shown["rules"]) == 2 and "8081" in json.dumps(shown["rules"])
+    net_engine.routers._applied.clear()  # as after an engine restart
+    await net_engine.router_rule_add("zone1-net1", "port-forward", {**PF, "public_port": 8082})
+    third = await apply()
+    assert third["input"] == "bundle" and third["version"] == 3
+    checked = await net_engine.router_check("zone1-net1")
+    assert checked["drift"] is False and checked["live_version"] == 3
+
+
 async def test_nothing_changed_means_nothing_pending(net_engine: Engine) -> None:
     job = await net_engine.wait_job(
         (await net_engine.router_apply("zone1-net1", confirm_timeout=0)).id, 60

@@ -8,7 +8,8 @@ request was refused before anything changed (`error` and `field` name what is wr
         stdin: the bundle JSON, or with --patch a patch of the live bundle (`bundle_patch`),
         refused with field `base` when the live bundle is not the patch's base
         -> {"version", "digest", "live_digest", "expected_live_digest", "drift",
-            "services": {name: "reloaded|unchanged|skipped|started|stopped"}, "iptables", "pending_confirm",
+            "services": {name: "reloaded|unchanged|skipped|started|stopped"}, "iptables",
+            "input": "bundle|patch", "pending_confirm",
             "confirm_deadline", "mode", "timings_ms": {...}}
     sysvm-router confirm VERSION               -> {"confirmed": VERSION, ...}
     sysvm-router show                          -> {"version", "digest", "live_digest",

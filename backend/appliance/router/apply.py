@@ -449,6 +449,7 @@ class RouterApplier:
             "drift": saved != rendered.expected_live_digest,
             "services": services,
             "iptables": method,
+            "input": "bundle" if text is not None else "patch",
             "pending_confirm": new_pending is not None,
             "confirm_deadline": new_pending.deadline if new_pending else None,
             "mode": self.site.mode,
