@@ -4,9 +4,9 @@
 thread). An apply parses the bundle (reusing the rules of the last one), refuses a version that
 is not newer than the live one, renders it, and, with a confirm window, first arms the detached
 rollback timer and records the window; then it loads the ruleset (netns mode: a `--noflush`
-delta when the live tables are the previous bundle's, else the complete ruleset, each
-`iptables-restore --test`ed first), swaps the config files and reloads the services whose files
-changed, and reads back what is live to answer its digest. If the delta's read-back differs from
+delta when the live tables are the previous bundle's, else the complete ruleset; either goes live
+whole or not at all, see `TablesChange`), swaps the config files and reloads the services whose
+files changed, and reads back what is live to answer its digest. If the delta's read-back differs from
 the expected digest (someone changed the tables), the complete ruleset is loaded and read again.
 The last confirmed snapshot stays on disk: a rollback and `boot` restore it.
 """
@@ -369,7 +369,8 @@ class RouterApplier:
         """Arm (with a window), install, measure, record. The caller holds the lock.
 
         The Python-heavy side work (the bundle digest, the expected live digest, writing the
-        snapshot) runs in a thread while iptables-restore and iptables-save run."""
+        snapshot) runs in a thread while iptables-restore runs: it starts once the files are
+        staged, so that it does not hold up what has to happen before the tables load."""
         bundle = rendered.bundle
         serial = new_serial()
 
@@ -380,7 +381,7 @@ class RouterApplier:
                 serial, SnapshotData(bundle_json, rendered.iptables, rendered.files)
             )
 
-        side_work = _in_background(prepare)
+        side_work = _SideWork(prepare)
         old_pending = self.state.read_pending()
         new_pending: PendingConfirm | None = None
         try:
@@ -399,7 +400,7 @@ class RouterApplier:
                 watch.lap("arm")
             change, method = self._tables_change(rendered, live, full)
             try:
-                services = self._install(rendered, live, change, watch)
+                services = self._install(rendered, live, change, watch, side_work.start)
                 side_work.result()
                 watch.lap("side_work")
                 saved = self._measure(rendered)
@@ -407,7 +408,10 @@ class RouterApplier:
                 if saved != rendered.expected_live_digest and method in ("delta", "unchanged"):
                     # The tables were not the previous bundle's: load the complete ruleset.
                     method = "full (delta found drift)"
-                    self._install(rendered, live, TablesChange(rendered.iptables), watch)
+                    full_change = TablesChange(
+                        rendered.iptables, test=False, undo=self._undo_text(live)
+                    )
+                    self._install(rendered, live, full_change, watch)
                     saved = self._measure(rendered)
                     watch.lap("readback")
             except (TablesError, OSError) as exc:
@@ -419,7 +423,7 @@ class RouterApplier:
                         self.state.clear_pending()
                 raise ApplyFailed(f"version {bundle.version} not applied: {exc}") from None
         except BaseException:
-            _wait_quietly(side_work)
+            side_work.wait_quietly()
             self.state.drop_data(serial)
             raise
         meta = SnapshotMeta(
@@ -478,7 +482,17 @@ class RouterApplier:
             # Across tables an early COMMIT could land before a later one fails: test first.
             tables = {table for table, _ in delta.touched()}
             return TablesChange(delta.restore_text(), noflush=True, test=len(tables) > 1), "delta"
-        return TablesChange(rendered.iptables), "full"
+        return TablesChange(rendered.iptables, test=False, undo=self._undo_text(live)), "full"
+
+    def _undo_text(self, live: SnapshotMeta | None) -> str:
+        """The complete ruleset to load again if loading a new one fails part way: the live
+        snapshot's, or before any bundle, what the tables hold now."""
+        cache = self._cache
+        if live is not None and cache is not None and cache.serial == live.serial:
+            return cache.rendered.iptables
+        if live is not None:
+            return self.state.read_data(live).iptables
+        return _with_every_table(self.tables.save())
 
     def _install(
         self,
@@ -486,6 +500,7 @@ class RouterApplier:
         live: SnapshotMeta | None,
         change: TablesChange | None,
         watch: Stopwatch,
+        before_tables: Callable[[], None] | None = None,
     ) -> dict[str, str]:
         return install(
             self.state,
@@ -497,6 +512,7 @@ class RouterApplier:
             services_now=rendered.services,
             change=change,
             watch=watch,
+            before_tables=before_tables,
         )
 
     def _measure(self, expected: RenderedBundle | None = None) -> str:
@@ -529,27 +545,40 @@ class RouterApplier:
         return meta
 
 
-def _in_background(work: Callable[[], None]) -> Future[None]:
-    """Run `work` in a thread of its own; the future holds its outcome."""
-    future: Future[None] = Future()
+class _SideWork:
+    """Work for a thread of its own, started when asked (or at the latest when its result is)."""
 
-    def run() -> None:
-        try:
-            work()
-        except BaseException as exc:
-            future.set_exception(exc)
-        else:
-            future.set_result(None)
+    def __init__(self, work: Callable[[], None]) -> None:
+        self._work = work
+        self._future: Future[None] | None = None
 
-    threading.Thread(target=run, name="router-apply-side-work", daemon=True).start()
-    return future
+    def start(self) -> None:
+        if self._future is not None:
+            return
+        future: Future[None] = Future()
+        self._future = future
 
+        def run() -> None:
+            try:
+                self._work()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
 
-def _wait_quietly(future: Future[None]) -> None:
-    try:
-        future.result()
-    except BaseException:
-        pass
+        threading.Thread(target=run, name="router-apply-side-work", daemon=True).start()
+
+    def result(self) -> None:
+        self.start()
+        assert self._future is not None
+        self._future.result()
+
+    def wait_quietly(self) -> None:
+        if self._future is not None:
+            try:
+                self._future.result()
+            except BaseException:
+                pass
 
 
 def _with_every_table(saved: str) -> str:

@@ -9,10 +9,10 @@ discarded and nothing changed. Standard library only: the rollback timer uses th
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from backend.appliance.router.rule_tables import RuleTables
+from backend.appliance.router.rule_tables import RuleTables, TablesError
 from backend.appliance.router.service_reload import ServiceReloads, changed_services
 from backend.appliance.router.state_dir import RouterStateDir, discard_staged
 
@@ -32,11 +32,19 @@ class Stopwatch:
 
 @dataclass(frozen=True)
 class TablesChange:
-    """The iptables-restore input to load: a complete ruleset, or a delta (`noflush`)."""
+    """The iptables-restore input to load: a complete ruleset, or a delta (`noflush`).
+
+    `test` runs `iptables-restore --test` first. `undo`, instead, is the complete ruleset live
+    before: if loading fails part way it is loaded again, so the tables end as they were. nft
+    loads all of the input as one transaction (all of it or nothing); legacy iptables commits
+    table by table, so a failure in the second table would leave the first one changed.
+    Loading and, only on failure, undoing costs one pass where testing first always costs two
+    (each about 0.2 s for 10,000 rules)."""
 
     text: str
     noflush: bool = False
     test: bool = True
+    undo: str | None = None
 
 
 def install(
@@ -50,21 +58,35 @@ def install(
     services_now: Mapping[str, bool],
     change: TablesChange | None,
     watch: Stopwatch,
+    before_tables: Callable[[], None] | None = None,
 ) -> dict[str, str]:
     """Make `files` the config files (those of `service_files` not in `files` are removed) and
-    load `change` (None: leave the tables alone). Returns each service's reload status.
+    load `change` (None: leave the tables alone), calling `before_tables` just before. Returns each service's reload status.
     Raises TablesError (from the tables) with nothing changed."""
     managed = sorted({n for names in service_files.values() for n in names} | set(files))
     current = state.read_config_files(managed)
     changed = {n for n in managed if files.get(n) != current.get(n)}
     staged = state.stage_config_files({n: files[n] for n in changed if n in files})
     watch.lap("files_staged")
+    if before_tables is not None:
+        before_tables()
     try:
         if change is not None:
             if change.test:
                 tables.test(change.text, noflush=change.noflush)
                 watch.lap("iptables_test")
-            tables.restore(change.text, noflush=change.noflush)
+            try:
+                tables.restore(change.text, noflush=change.noflush)
+            except TablesError as exc:
+                if change.undo is None:
+                    raise
+                try:
+                    tables.restore(change.undo)
+                except TablesError as again:
+                    raise TablesError(
+                        f"{exc}; loading the previous ruleset again failed too: {again}"
+                    ) from exc
+                raise TablesError(f"{exc} (the previous ruleset is live again)") from exc
             watch.lap("iptables_restore")
     except BaseException:
         discard_staged(staged)
