@@ -24,7 +24,7 @@ from backend.appliance.router.live_digest import (
 from backend.appliance.router.netfilter import render_ruleset, update_ruleset
 from backend.appliance.router.render import files_unchanged, render_files
 from backend.errors import InvalidInput
-from backend.router.bundle import RouterBundle, bundle_patch, changed_rule_ids
+from backend.router.bundle import RouterBundle, bundle_patch, bundle_text, changed_rule_ids
 from tests.test_router_render import ten_thousand_rules
 
 # Few rules, so that dropping or adding one empties or fills a bucket chain (and changes the
@@ -206,3 +206,30 @@ def test_a_save_showing_exactly_the_ruleset_is_recognised_and_anything_else_is_n
         assert not save_shows(other, ruleset), other[:200]
         # ... and then the exact parse tells the drift: the digest differs.
         assert live_digest(other, {}) != digest_of(ruleset.canonical_text(), {})
+
+
+def test_a_bundle_built_from_stored_json_text_is_the_bundle_built_from_values() -> None:
+    """The engine builds bundles from the rules' fields as the database stores them (JSON
+    text), without decoding each row; the result is exactly what building from values gives."""
+    rows = [(i, kind, json.dumps(fields)) for i, kind, fields in BASE_RULES]
+    text = bundle_text(
+        version=1,
+        network=BASE.network,
+        addresses=BASE.addresses,
+        rules=rows,
+        vpn_users=[{"username": "alice", "password": "s3cret-Pass"}],
+        default_egress_policy="deny",
+    )
+    built = RouterBundle.from_json(text)
+    expected = make(
+        BASE_RULES,
+        vpn_users=[{"username": "alice", "password": "s3cret-Pass"}],
+        default_egress_policy="deny",
+    )
+    assert built == expected and built.digest == expected.digest
+    broken = bundle_text(
+        version=1, network=BASE.network, addresses=BASE.addresses, rules=[(1, "dns-entry", "{")]
+    )
+    with pytest.raises(InvalidInput) as err:
+        RouterBundle.from_json(broken)
+    assert err.value.field == "bundle"

@@ -15,12 +15,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import Text, select, type_coerce
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db.models import GuestNetwork, Nic, NicRole, RouterRule, SystemVM, VMState, VpnUser
 from backend.errors import InvalidInput, NotFound, SysvmError, TransportError
-from backend.router.bundle import BundleNetwork, RouterAddresses, RouterBundle, bundle_patch
+from backend.router.bundle import (
+    BundleNetwork,
+    RouterAddresses,
+    RouterBundle,
+    bundle_patch,
+    bundle_text,
+)
 from backend.router.rules import NetworkContext, Rule, parse_rule, parse_rule_alone
 
 if TYPE_CHECKING:
@@ -159,7 +165,15 @@ class RouterService:
     ) -> RouterBundle:
         """The whole desired config of the network's router, as one validated bundle
         (`control_sources`: who may SSH to it, default the whole link-local range)."""
-        rows, users = await self._rows(s, net.id)
+        # The rules' fields as the JSON text stored: 10,000 rows are not decoded one by one.
+        rows = (
+            await s.execute(
+                select(RouterRule.id, RouterRule.type, type_coerce(RouterRule.fields, Text))
+                .where(RouterRule.network_id == net.id)
+                .order_by(RouterRule.id)
+            )
+        ).all()
+        users = list((await s.scalars(select(VpnUser).where(VpnUser.network_id == net.id))).all())
         router = (
             await s.scalars(
                 select(SystemVM).where(
@@ -180,8 +194,8 @@ class RouterService:
         previous = self._built.get(net.id)
         if previous is None and net.router_bundle:
             previous = await asyncio.to_thread(RouterBundle.from_json, net.router_bundle)
-        build = functools.partial(
-            RouterBundle.create,
+        text = functools.partial(
+            bundle_text,
             version=version,
             network=BundleNetwork(name=net.name, cidr=net.cidr, gateway=net.gateway, vlan=net.vlan),
             addresses=RouterAddresses(
@@ -189,12 +203,15 @@ class RouterService:
                 guest_ip=net.gateway,
                 public_ips=tuple(ip for ip in (net.source_nat_ip,) if ip),
             ),
-            rules=[(r.id, r.type, r.fields) for r in rows],
+            rules=[(r[0], r[1], r[2] or "{}") for r in rows],
             vpn_users=[{"username": u.username, "password": u.password} for u in users],
             default_egress_policy=net.default_egress,
-            previous=previous,
             **({"control_sources": control_sources} if control_sources else {}),
         )
+
+        def build() -> RouterBundle:
+            return RouterBundle.from_json(text(), previous)
+
         # Validating 10,000 rules takes ~1 s cold, ~0.15 s with `previous`: not on the loop, and
         # neither is the digest (it computes each new rule's JSON, which to_json then reuses).
         bundle = await asyncio.to_thread(_built_with_digest, build)
