@@ -31,8 +31,9 @@ from bench.loop_lag import LoopLag  # noqa: E402
 ROUTERS = 100
 
 
-async def many_routers(count: int) -> dict[str, Any]:
-    """`count` routers of one engine apply at once; the engine's loop is sampled meanwhile."""
+async def many_routers(count: int, *, trace_over_ms: float | None = None) -> dict[str, Any]:
+    """`count` routers of one engine apply at once; the engine's loop is sampled meanwhile.
+    With `trace_over_ms`, the loop thread's stack during longer stalls is printed to stderr."""
     home = Path(tempfile.mkdtemp(prefix="sysvm-bench-"))
     zones = (count + 1) // 2
     engine = Engine(load_config(home=home, env={"SYSVM_HOME": str(home)}))
@@ -58,12 +59,13 @@ async def many_routers(count: int) -> dict[str, Any]:
         with LoopLag() as idle:
             await asyncio.sleep(2)
         start = time.perf_counter()
-        with LoopLag() as busy:
+        with LoopLag(trace_over_ms=trace_over_ms) as busy:
             jobs = await asyncio.gather(
                 *(engine.router_apply(net, confirm_timeout=30) for net in networks)
             )
             finished = await asyncio.gather(*(engine.wait_job(j.id, 600) for j in jobs))
         wall = time.perf_counter() - start
+        busy.print_stacks()
         failed = [j.error for j in finished if j.state != "succeeded"]
         assert not failed, failed[:3]
         return {
@@ -80,8 +82,15 @@ async def many_routers(count: int) -> dict[str, Any]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--routers", type=int, default=ROUTERS)
+    parser.add_argument(
+        "--trace-stalls",
+        type=float,
+        metavar="MS",
+        help="print to stderr where the loop was while it stalled longer than MS",
+    )
     args = parser.parse_args()
-    out = {"name": "router_concurrent", "figures": await many_routers(args.routers)}
+    figures = await many_routers(args.routers, trace_over_ms=args.trace_stalls)
+    out = {"name": "router_concurrent", "figures": figures}
     out["target"] = {"loop_stall_max_ms": 10}
     print(json.dumps(out))
 

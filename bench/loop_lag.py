@@ -1,32 +1,104 @@
-"""How late the running event loop wakes a 1 ms sleep: its stalls, for the benchmarks."""
+"""How late the running event loop wakes a 1 ms sleep: its stalls, for the benchmarks.
+
+With `trace_over_ms`, a watchdog thread also samples the loop thread's stack whenever the
+loop has not woken for that long (and where the other threads were), and collections of the
+garbage collector are timed, which is how the causes of stalls are found. A stall in which the
+watchdog got no sample at all was one thread holding the GIL throughout (a collection, a C call).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import gc
 import statistics
+import sys
+import threading
+import time
+import traceback
 
 
 class LoopLag:
     """Samples how late a 1 ms sleep wakes up while the `with` block runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, trace_over_ms: float | None = None) -> None:
         self.samples: list[float] = []
+        self.stacks: collections.Counter[str] = collections.Counter()
+        self.gc_pauses: list[tuple[int, float, float, str]] = []
+        self.episodes: list[tuple[float, list[str]]] = []
+        self._gc_started = (0.0, 0.0)
         self._task: asyncio.Task[None] | None = None
+        self._trace_over = None if trace_over_ms is None else trace_over_ms / 1000
+        self._beat = time.perf_counter()
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             t = loop.time()
+            self._beat = time.perf_counter()
             await asyncio.sleep(0.001)
             self.samples.append((loop.time() - t - 0.001) * 1000)
 
+    def _time_gc(self, phase: str, info: dict[str, int]) -> None:
+        """gc callback: record collections over 1 ms (generation, ms, CPU ms of the collecting
+        thread, thread): they hold the GIL, except while finalizers run Python code."""
+        if phase == "start":
+            self._gc_started = (time.perf_counter(), time.thread_time())
+            return
+        took = (time.perf_counter() - self._gc_started[0]) * 1000
+        cpu = (time.thread_time() - self._gc_started[1]) * 1000
+        if took > 1:
+            name = threading.current_thread().name
+            self.gc_pauses.append((info["generation"], round(took, 1), round(cpu, 1), name))
+
+    def _watch(self, loop_thread: int, limit: float) -> None:
+        """Sample the loop thread's innermost frames every `limit`/4 while it is `limit` late;
+        also keep, per stall, where every other thread was at each sample."""
+        beat, seen = self._beat, []
+        while not self._stop.wait(limit / 4):
+            late = time.perf_counter() - self._beat
+            if self._beat != beat and seen:
+                self.episodes.append(((self._beat - beat) * 1000, seen))
+                seen = []
+            beat = self._beat
+            if late < limit:
+                continue
+            frames = sys._current_frames()
+            frame = frames.get(loop_thread)
+            if frame is not None:
+                stack = traceback.format_stack(frame)[-12:]
+                self.stacks["".join(stack)] += 1
+            seen.append(
+                " | ".join(
+                    f"{_thread_name(ident)}: {_where(f)}"
+                    for ident, f in frames.items()
+                    if ident != threading.get_ident() and "_worker" not in _where(f)
+                )
+            )
+
     def __enter__(self) -> LoopLag:
         self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._trace_over is not None:
+            self._watchdog = threading.Thread(
+                target=self._watch,
+                args=(threading.get_ident(), self._trace_over),
+                name="loop-lag-watchdog",
+                daemon=True,
+            )
+            self._watchdog.start()
+            gc.callbacks.append(self._time_gc)
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
+        self._stop.set()
+        if self._time_gc in gc.callbacks:
+            gc.callbacks.remove(self._time_gc)
+        if self._watchdog is not None:
+            self._watchdog.join()
 
     def summary(self) -> dict[str, float]:
         s = sorted(self.samples) or [0.0]
@@ -35,3 +107,26 @@ class LoopLag:
             "p99_ms": round(s[int(len(s) * 0.99)], 2),
             "median_ms": round(statistics.median(s), 3),
         }
+
+    def print_stacks(self, file: object = None) -> None:
+        """Print the sampled stacks of stalls, most frequent first, to `file` (stderr)."""
+        out = file or sys.stderr
+        for stack, count in self.stacks.most_common():
+            print(f"---- {count} stall(s) in:\n{stack}", file=out)  # type: ignore[call-overload]
+        for ms, seen in sorted(self.episodes, reverse=True)[:5]:
+            print(f"---- stall of ~{ms:.0f} ms, samples:", *seen, sep="\n  ", file=out)  # type: ignore[call-overload]
+        for generation, ms, cpu, thread in self.gc_pauses:
+            print(f"---- gc of generation {generation}: {ms} ms ({cpu} CPU) on {thread}", file=out)  # type: ignore[call-overload]
+
+
+def _thread_name(ident: int) -> str:
+    thread = threading._active.get(ident)  # type: ignore[attr-defined]
+    return thread.name if thread is not None else str(ident)
+
+
+def _where(frame: object) -> str:
+    """file:line function of a frame and of its two callers."""
+    parts = []
+    for summary in traceback.extract_stack(frame, limit=3)[::-1]:  # type: ignore[arg-type]
+        parts.append(f"{summary.filename.rsplit('/', 1)[-1]}:{summary.lineno} {summary.name}")
+    return " < ".join(parts)
