@@ -369,8 +369,8 @@ class RouterApplier:
         """Arm (with a window), install, measure, record. The caller holds the lock.
 
         The Python-heavy side work (the bundle digest, the expected live digest, writing the
-        snapshot) runs in a thread while iptables-restore runs: it starts once the files are
-        staged, so that it does not hold up what has to happen before the tables load."""
+        snapshot) runs in a thread while iptables-restore and iptables-save run: it starts once
+        the files are staged, so that it does not hold up what has to happen before."""
         bundle = rendered.bundle
         serial = new_serial()
 
@@ -401,10 +401,10 @@ class RouterApplier:
             change, method = self._tables_change(rendered, live, full)
             try:
                 services = self._install(rendered, live, change, watch, side_work.start)
-                side_work.result()
-                watch.lap("side_work")
                 saved = self._measure(rendered)
                 watch.lap("readback")
+                side_work.result()
+                watch.lap("side_work")
                 if saved != rendered.expected_live_digest and method in ("delta", "unchanged"):
                     # The tables were not the previous bundle's: load the complete ruleset.
                     method = "full (delta found drift)"
