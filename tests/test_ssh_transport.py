@@ -7,6 +7,7 @@ import json
 import random
 import stat
 import string
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,3 +216,90 @@ async def test_interactive_shell_is_refused(lab: Lab, engine_key_path: Path) -> 
 
     assert completed.exit_status == 1
     assert "refused" in str(completed.stderr)
+
+
+async def test_cancelling_a_run_closes_the_remote_commands_session_and_frees_its_channel(
+    lab: Lab,
+) -> None:
+    started, told_to_stop = asyncio.Event(), asyncio.Event()
+
+    async def wait_for_hangup(ctx: CommandContext) -> int:
+        started.set()
+        await ctx.wait_closed()
+        told_to_stop.set()
+        return 0
+
+    lab.endpoints.register("sysvm-test wait", wait_for_hangup)
+    port = await lab.endpoints.start(VM, lab.host_private)
+    runs = [
+        asyncio.create_task(
+            lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-test wait")
+        )
+        for _ in range(4)  # every channel slot of the lab transport
+    ]
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(0.1)  # all four are running remotely
+
+    for run in runs:
+        run.cancel()
+    done = await asyncio.gather(*runs, return_exceptions=True)
+
+    assert all(isinstance(d, asyncio.CancelledError) for d in done)
+    await asyncio.wait_for(told_to_stop.wait(), 5)
+    result = await asyncio.wait_for(
+        lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status"), 5
+    )
+    assert result.exit_status == 0  # the cancelled runs gave their channel slots back
+    assert lab.endpoints.connections_accepted(VM) == 1
+
+
+async def test_ssh_work_runs_on_the_transports_own_thread_not_the_callers(
+    lab: Lab, engine_key_path: Path
+) -> None:
+    port = await lab.endpoints.start(VM, lab.host_private)
+    key = load_client_key(engine_key_path)
+    signed_on: list[int] = []
+    sign = key.sign
+
+    def recording_sign(data: bytes, algorithm: bytes) -> bytes:
+        signed_on.append(threading.get_ident())
+        return sign(data, algorithm)
+
+    key.sign = recording_sign  # type: ignore[method-assign]
+    transport = SystemVMTransport(key)
+    try:
+        result = await transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+        lines = [
+            line
+            async for line in transport.stream(
+                "127.0.0.1", port, lab.host_public, "sysvm-appliance status"
+            )
+        ]
+    finally:
+        await transport.close()
+
+    assert result.exit_status == 0 and json.loads(lines[0])["vm"] == VM
+    assert len(signed_on) == 1  # one handshake, on a thread that is not this loop's
+    assert signed_on[0] != threading.get_ident()
+
+
+async def test_transport_is_usable_again_after_close(lab: Lab) -> None:
+    port = await lab.endpoints.start(VM, lab.host_private)
+    await lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+
+    await lab.transport.close()
+    result = await lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+
+    assert result.exit_status == 0
+    assert lab.endpoints.connections_accepted(VM) == 2
+
+
+async def test_drop_makes_the_next_command_dial_a_new_connection(lab: Lab) -> None:
+    port = await lab.endpoints.start(VM, lab.host_private)
+    await lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+
+    lab.transport.drop("127.0.0.1", port, lab.host_public)
+    result = await lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+
+    assert result.exit_status == 0
+    assert lab.endpoints.connections_accepted(VM) == 2

@@ -7,9 +7,10 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -20,12 +21,16 @@ from backend.errors import (
     TransportError,
     TransportTimeout,
 )
+from backend.transport.loop_thread import LoopThread, LoopThreadStopped
 
 log = logging.getLogger(__name__)
 
 KEY_ALGORITHM = "ssh-ed25519"
 USERNAME = "root"
 STDERR_TAIL_BYTES = 4096
+_CLOSED = "the SSH transport was closed while the command ran"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,9 @@ class SystemVMTransport:
 
     One connection per (address, port, host key) is kept and reused; at most `max_channels`
     commands run on it at once (OpenSSH's sshd allows 10 sessions per connection by default).
+    All SSH work (key exchange, encryption, the connections themselves) runs on an event loop of
+    the transport's own thread, so hundreds of handshakes at once do not stall the caller's loop;
+    the public methods are awaited from any loop and bridge to it.
     """
 
     def __init__(
@@ -146,6 +154,7 @@ class SystemVMTransport:
         self._command_timeout = command_timeout
         self._max_channels = max_channels
         self._slots: dict[_Key, _Slot] = {}
+        self._thread = LoopThread("sysvm-ssh")
 
     async def run(
         self,
@@ -160,7 +169,71 @@ class SystemVMTransport:
         `command` is a fixed command line chosen by the engine, never user input: rule text and
         other data go on `stdin`. Raises HostKeyMismatch, TransportError or TransportTimeout
         (the command timeout starts once a channel slot is free). A non-zero exit is not an error.
+        Cancelling the caller closes the command's channel, which tells the command to stop.
         """
+        return await self._bridged(self._run_here(address, port, host_public_key, command, stdin))
+
+    async def stream(
+        self,
+        address: str,
+        port: int,
+        host_public_key: str,
+        command: str,
+        stdin: bytes | str | AsyncIterator[bytes] | None = None,
+        *,
+        idle_timeout: float | None = None,
+    ) -> AsyncIterator[str]:
+        """Run `command` on the system VM and yield its stdout lines (without the newline) as they come.
+
+        `stdin` is sent whole (bytes or text), or chunk by chunk with flow control (an async
+        iterator of bytes, advanced on the caller's loop), then end of file. When the command
+        exits non-zero, CommandFailed (a TransportError carrying the exit status and the tail of
+        stderr) is raised after the last line. With `idle_timeout`, TransportTimeout is raised
+        when no line comes for that long. No overall timeout: a download may take hours. Closing
+        the iterator early (`break` inside `async with contextlib.aclosing(...)`, or cancelling
+        the consuming task) closes the SSH channel at once, which is how a remote command is
+        told to stop. Raises HostKeyMismatch, TransportError or TransportTimeout like `run`.
+        """
+        if stdin is not None and not isinstance(stdin, bytes | str):
+            stdin = self._thread.pull(stdin, asyncio.get_running_loop())
+        lines = self._stream_here(
+            address, port, host_public_key, command, stdin, idle_timeout=idle_timeout
+        )
+        try:
+            async for line in self._thread.iterate(lines):
+                yield line
+        except LoopThreadStopped as exc:
+            raise TransportError(_CLOSED) from exc
+
+    async def close(self) -> None:
+        """Close every connection this transport holds (and its thread; a later call starts it again)."""
+        if self._thread.running_loop is not None:
+            await self._bridged(self._close_here())
+            await self._thread.stop()
+
+    def drop(self, address: str, port: int, host_public_key: str) -> None:
+        """Close the cached connection to that VM, so the next command dials a new one (as a
+        commit-confirm must: it proves the control path still works after an apply)."""
+        if self._thread.running_loop is not None:  # done before any command submitted after it
+            self._thread.call_soon(self._drop_here, address, port, host_public_key)
+
+    async def _bridged(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro` on the transport's thread."""
+        try:
+            return await self._thread.call(coro)
+        except LoopThreadStopped as exc:
+            raise TransportError(_CLOSED) from exc
+
+    # -- on the transport's thread -------------------------------------------------------------
+
+    async def _run_here(
+        self,
+        address: str,
+        port: int,
+        host_public_key: str,
+        command: str,
+        stdin: bytes | str | None,
+    ) -> CommandResult:
         data = stdin.encode() if isinstance(stdin, str) else stdin
         key: _Key = (address, port, host_public_key.strip())
         where = f"{address}:{port}"
@@ -180,27 +253,16 @@ class SystemVMTransport:
                 self._forget(key, connection)
                 raise TransportError(f"system VM at {where} refused a session: {exc2}") from exc2
 
-    async def stream(
+    async def _stream_here(
         self,
         address: str,
         port: int,
         host_public_key: str,
         command: str,
-        stdin: bytes | str | AsyncIterator[bytes] | None = None,
+        stdin: bytes | str | AsyncIterator[bytes] | None,
         *,
-        idle_timeout: float | None = None,
+        idle_timeout: float | None,
     ) -> AsyncIterator[str]:
-        """Run `command` on the system VM and yield its stdout lines (without the newline) as they come.
-
-        `stdin` is sent whole (bytes or text), or chunk by chunk with flow control (an async
-        iterator of bytes), then end of file. When the command exits non-zero, CommandFailed (a
-        TransportError carrying the exit status and the tail of stderr) is raised after the last
-        line. With `idle_timeout`, TransportTimeout is raised when no line comes for that long.
-        No overall timeout: a download may take hours. Closing the iterator early (`break` inside
-        `async with contextlib.aclosing(...)`, or cancelling the consuming task) closes the SSH
-        channel at once, which is how a remote command is told to stop.
-        Raises HostKeyMismatch, TransportError or TransportTimeout like `run`.
-        """
         key: _Key = (address, port, host_public_key.strip())
         where = f"{address}:{port}"
         connection, reused = await self._connection(key)
@@ -275,8 +337,7 @@ class SystemVMTransport:
             stderr_tail.cancel()
             connection.channels.release()
 
-    async def close(self) -> None:
-        """Close every connection this transport holds."""
+    async def _close_here(self) -> None:
         slots, self._slots = self._slots, {}
         conns = [s.connection.conn for s in slots.values() if s.connection is not None]
         for conn in conns:
@@ -285,9 +346,7 @@ class SystemVMTransport:
             with contextlib.suppress(Exception):
                 await conn.wait_closed()
 
-    def drop(self, address: str, port: int, host_public_key: str) -> None:
-        """Close the cached connection to that VM, so the next command dials a new one (as a
-        commit-confirm must: it proves the control path still works after an apply)."""
+    def _drop_here(self, address: str, port: int, host_public_key: str) -> None:
         slot = self._slots.get((address, port, host_public_key.strip()))
         if slot is not None and slot.connection is not None:
             self._forget((address, port, host_public_key.strip()), slot.connection)
@@ -371,7 +430,11 @@ class SystemVMTransport:
                         )
                     except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, OSError) as exc:
                         raise _ChannelNotOpened(_reason(exc)) from exc
-                    completed = await process.wait(check=False)
+                    try:
+                        completed = await process.wait(check=False)
+                    except asyncio.CancelledError:
+                        process.close()  # the caller gave up: tell the command to stop
+                        raise
             except TimeoutError as exc:
                 if process is not None:
                     process.close()
