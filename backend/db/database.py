@@ -12,6 +12,7 @@ import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,11 @@ from sqlalchemy.ext.asyncio import (
 from backend.errors import SysvmError
 
 T = TypeVar("T")
+
+POOL_SIZE = 32
+"""Connections kept open (each an aiosqlite thread), and sessions open at once outside another."""
+
+_in_session: ContextVar[bool] = ContextVar("sysvm_db_in_session", default=False)
 
 
 def sqlite_url(path: Path, *, driver: str = "aiosqlite") -> str:
@@ -116,23 +122,33 @@ def _create_if_empty(path: Path) -> bool:
 
 
 class Database:
-    """Async access to one SQLite database file."""
+    """Async access to one SQLite database file.
+
+    Each aiosqlite connection is a thread, and opening one blocks the loop while the thread
+    starts. So the pool's connections are opened by `open()`, and at most POOL_SIZE sessions are
+    open at once: a burst of callers waits for a pooled connection instead of opening (and
+    closing again) overflow ones. A session opened inside another (same task) is not held back,
+    so nesting cannot deadlock; it may use an overflow connection.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        # Each aiosqlite connection is a thread; opening one blocks the loop while the thread
-        # starts, so keep enough of them pooled that bursts of readers never open new ones.
         self.engine: AsyncEngine = create_async_engine(
-            sqlite_url(path), pool_size=32, max_overflow=32, pool_timeout=60
+            sqlite_url(path), pool_size=POOL_SIZE, max_overflow=POOL_SIZE, pool_timeout=60
         )
         event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = asyncio.Lock()
+        self._session_slots = asyncio.Semaphore(POOL_SIZE)
 
     async def open(self) -> str:
-        """Migrate (in a thread) and return the schema revision."""
+        """Migrate (in a thread), open the pool's connections and return the schema revision."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return await ensure_schema(self.path)
+        revision = await ensure_schema(self.path)
+        async with contextlib.AsyncExitStack() as pooled:
+            for _ in range(POOL_SIZE):
+                await pooled.enter_async_context(self.engine.connect())
+        return revision
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -140,7 +156,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A session for reading; nothing it changes is committed."""
-        async with self.sessions() as session:
+        async with self._session() as session:
             yield session
 
     async def write(self, work: Callable[[AsyncSession], Awaitable[T]], *, retries: int = 20) -> T:
@@ -151,7 +167,7 @@ class Database:
         delay = 0.01
         for attempt in range(retries + 1):
             async with self._write_lock:
-                async with self.sessions() as session:
+                async with self._session() as session:
                     try:
                         result = await work(session)
                         await session.commit()
@@ -163,6 +179,21 @@ class Database:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
         raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[AsyncSession]:
+        """A session, waiting for one of POOL_SIZE slots unless this task already holds one."""
+        if _in_session.get():
+            async with self.sessions() as session:
+                yield session
+            return
+        async with self._session_slots:
+            token = _in_session.set(True)
+            try:
+                async with self.sessions() as session:
+                    yield session
+            finally:
+                _in_session.reset(token)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
