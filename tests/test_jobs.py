@@ -137,3 +137,38 @@ async def test_unreachable_libvirt_uri_is_one_clear_error_naming_host_and_uri(
     message = str(err.value)
     assert "zone9-host9" in message and str(missing) in message and "\n" not in message
     await conn.close()
+
+
+async def test_runner_says_when_no_job_has_run_for_a_while(tmp_path: Path) -> None:
+    idle: list[int] = []
+    db = Database(tmp_path / "db")
+    await db.open()
+    bus = EventBus(db)
+    await bus.start()
+    runner = JobRunner(
+        db, bus, progress_interval=0, on_idle=lambda: idle.append(len(idle)), idle_after=0.2
+    )
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+    async def wait_gate(ctx: JobContext) -> dict[str, Any]:
+        await gates[ctx.params["gate"]].wait()
+        return {}
+
+    runner.register(JobKind("test.gate", wait_gate, resumable=False))
+    a = await runner.submit("test.gate", {"gate": "a"})
+    b = await runner.submit("test.gate", {"gate": "b"})
+    gates["a"].set()
+    await runner.wait(a.id, timeout=5)
+    await asyncio.sleep(0.3)
+    assert idle == []  # b still runs
+
+    gates["b"].set()
+    await runner.wait(b.id, timeout=5)
+    c = await runner.submit("test.gate", {"gate": "a"})  # the next job of a burst
+    await runner.wait(c.id, timeout=5)
+    await asyncio.sleep(0.1)
+    assert idle == []  # no quiet moment yet
+    await asyncio.sleep(0.3)
+    assert idle == [0]
+    await bus.stop()
+    await db.close()

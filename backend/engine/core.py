@@ -7,7 +7,6 @@ over websockets. One engine runs per SYSVM_HOME (see `backend.engine.daemon`).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ from backend.db.models import (
     Zone,
 )
 from backend.engine.events import EventBus
+from backend.engine.heap import HeapSettler
 from backend.engine.jobs import JobContext, JobKind, JobRunner
 from backend.errors import Conflict, EngineUnavailable, InvalidInput, NotFound, ReadOnly, SysvmError
 from backend.hypervisor.connection import HostConnection
@@ -73,8 +73,12 @@ class Engine:
         self.read_only = bool(config["read_only"])
         self.db = Database(self.home / "sysvm.db")
         self.bus = EventBus(self.db)
+        self.heap = HeapSettler()
         self.runner = JobRunner(
-            self.db, self.bus, progress_interval=float(config["job.progress_interval"])
+            self.db,
+            self.bus,
+            progress_interval=float(config["job.progress_interval"]),
+            on_idle=self.heap.settle_if_grown,
         )
         self.hypervisors = HypervisorPool(on_lifecycle=self._on_lifecycle)
         self.system_vms = SystemVMService(self)
@@ -127,8 +131,7 @@ class Engine:
         self._started_at = time.monotonic()
         # Everything loaded so far (modules, mappers, config) lives as long as the engine: keep
         # it out of the cyclic collector's full scans, each one a loop stall.
-        gc.collect()
-        gc.freeze()
+        self.heap.start()
         log.info("engine started on %s (schema %s)", self.home, self.schema)
 
     async def stop(self) -> None:

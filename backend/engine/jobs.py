@@ -108,7 +108,17 @@ class JobKind:
 
 
 class JobRunner:
-    def __init__(self, db: Database, bus: EventBus, *, progress_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        db: Database,
+        bus: EventBus,
+        *,
+        progress_interval: float = 0.5,
+        on_idle: Callable[[], object] | None = None,
+        idle_after: float = 1.0,
+    ) -> None:
+        """`on_idle` is called once no job has run for `idle_after` seconds (a quiet moment: not
+        a gap between the jobs of a burst), again after each later job."""
         self._db = db
         self._bus = bus
         self.progress_interval = progress_interval
@@ -116,6 +126,9 @@ class JobRunner:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._done: dict[int, asyncio.Event] = {}
         self._stopping = False
+        self._on_idle = on_idle
+        self._idle_after = idle_after
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def register(self, kind: JobKind) -> None:
         self._kinds[kind.name] = kind
@@ -151,6 +164,9 @@ class JobRunner:
         return info
 
     def _launch(self, info: JobInfo) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._done[info.id] = asyncio.Event()
         self._tasks[info.id] = asyncio.create_task(self._run(info), name=f"job-{info.id}")
 
@@ -198,6 +214,15 @@ class JobRunner:
             done = self._done.pop(info.id, None)
             if done:
                 done.set()
+            if not self._tasks and self._on_idle is not None and not self._stopping:
+                self._idle_timer = asyncio.get_running_loop().call_later(
+                    self._idle_after, self._idle
+                )
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        if not self._tasks and self._on_idle is not None and not self._stopping:
+            self._on_idle()
 
     async def _interrupted(self, job_id: int, kind: JobKind, why: str) -> None:
         if kind.resumable:
@@ -308,6 +333,8 @@ class JobRunner:
     async def stop(self) -> None:
         """Interrupt running jobs: resumable ones go back to queued, the others fail."""
         self._stopping = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
