@@ -5,9 +5,14 @@ guest host process (a separate process, as a real router is) runs in netns mode 
 namespace and is driven over real SSH exactly as the engine drives it:
 - full apply of a 10,000-rule bundle end to end (render, transfer, test, restore, answer), on a
   fresh router each round;
-- one-rule change of that router (a `--noflush` delta), several rounds;
+- one-rule change of that router: the engine's patch of the live bundle, loaded as a
+  `--noflush` delta, several rounds;
 and the baseline of the same run: the same ruleset loaded with one `iptables -A` per rule (the way
 CloudStack's CsNetfilter.py works), in a fresh namespace.
+
+Then the whole product (`netns_lab_engine`): an engine's `lab up --backend netns` router (sshd,
+its relay, the appliance service) holding 10,000 rules, timed as `router apply` jobs from the API
+call to success, a 30 s confirm window included.
 
 Then 100 routers of one engine (a lab, local back end) apply a changed bundle at once while the
 engine's event loop is sampled for stalls.
@@ -41,6 +46,8 @@ logging.basicConfig(
 )
 
 from backend.appliance.router.netfilter import render_ruleset  # noqa: E402
+from backend.config import load_config  # noqa: E402
+from backend.engine.core import Engine  # noqa: E402
 from backend.router.bundle import RouterBundle, bundle_patch  # noqa: E402
 from backend.transport.ssh import (  # noqa: E402
     SystemVMTransport,
@@ -243,6 +250,94 @@ def _median_parts(parts: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(p.get(k, 0.0) for p in parts), 1) for k in keys}
 
 
+async def netns_lab_router(rules: int, rounds: int) -> dict[str, Any]:
+    """The same work through the whole product: an engine with `lab up --backend netns` (the
+    router a namespace with OpenSSH sshd, its relay and appliance service), `rules` rules in the
+    database, and `router apply` jobs with a 30 s confirm window, timed from the API call until
+    the job succeeded (build, patch, SSH, load, readback, confirm over a new connection, record).
+    """
+    from sqlalchemy import select
+
+    from backend.db.models import GuestNetwork, RouterRule, SystemVM
+
+    home = Path(tempfile.mkdtemp(prefix="sysvm-bench-lab-"))
+    engine = Engine(load_config(home=home, env={"SYSVM_HOME": str(home)}))
+    await engine.start()
+    try:
+        job = await engine.lab_up(zones=1, hosts=1, networks=1, vms=1, backend="netns")
+        done = await engine.wait_job(job.id, 600)
+        assert done.state == "succeeded", done.error
+        net = "zone1-net1"
+        public_ip = (await engine.router_show(net))["public_ip"]
+        async with engine.db.read() as s:
+            found = (await s.scalars(select(GuestNetwork).where(GuestNetwork.name == net))).one()
+            net_id = found.id
+
+        async def add_rules(s: Any) -> None:
+            for i in range(rules):
+                port = 1 + i % 60_000
+                s.add(
+                    RouterRule(
+                        network_id=net_id,
+                        type="firewall-ingress",
+                        fields={
+                            "public_ip": public_ip,
+                            "protocol": "tcp",
+                            "start_port": port,
+                            "end_port": port,
+                            "source_cidrs": [f"198.51.{i // 256 % 256}.{i % 256}/32"],
+                            "icmp_type": None,
+                            "icmp_code": None,
+                        },
+                    )
+                )
+
+        await engine.db.write(add_rules)
+
+        async def apply() -> tuple[float, dict[str, Any]]:
+            start = time.perf_counter()
+            job = await engine.router_apply(net, confirm_timeout=30)
+            done = await engine.wait_job(job.id, 600)
+            assert done.state == "succeeded" and done.result is not None, done.error
+            return time.perf_counter() - start, done.result
+
+        t_full, full = await apply()
+        changes: list[float] = []
+        inside: list[dict[str, float]] = []
+        for i in range(rounds * 2):
+            await engine.router_rule_add(
+                net,
+                "firewall-ingress",
+                {"public_ip": public_ip, "protocol": "tcp", "start_port": 61_000 + i},
+            )
+            t, answer = await apply()
+            assert answer["input"] == "patch" and answer["iptables"] == "delta", answer
+            changes.append(t)
+            inside.append(answer["timings_ms"])
+        async with engine.db.read() as s:
+            router = (await s.scalars(select(SystemVM).where(SystemVM.network_id == net_id))).one()
+        endpoint = engine.guests.ssh_endpoint(router)
+        assert endpoint is not None
+        shows: list[float] = []
+        for _ in range(10):
+            start = time.perf_counter()
+            await engine.transport.run(*endpoint, router.host_key_public, "sysvm-router show")
+            shows.append(time.perf_counter() - start)
+        await engine.wait_job((await engine.lab_down()).id, 600)
+        return {
+            "rules": rules + 1,
+            "full_apply_job_s": round(t_full, 3),
+            "full_inside_router_ms": full["timings_ms"],
+            "one_rule_change_job_s": _median(changes),
+            "one_rule_change_job_runs_s": [round(x, 3) for x in changes],
+            "one_rule_inside_router_ms": _median_parts(inside),
+            "command_round_trip_ms": round(statistics.median(shows) * 1000, 1),
+        }
+    finally:
+        await engine.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", type=int, default=10_000)
@@ -270,6 +365,7 @@ async def main() -> None:
                         base["wall_s"] / figures["full_apply_s"], 1
                     )
         await transport.close()
+        out["figures"]["netns_lab_engine"] = await netns_lab_router(args.rules, args.rounds)
     out["figures"]["concurrent_routers"] = await many_routers(args.routers)
     out["target"] = {
         "full_apply_s": 0.5,

@@ -9,6 +9,7 @@ the lab's real guest host process and kills it to prove the rollback timer outli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -824,6 +825,51 @@ async def test_netns_unconfirmed_apply_restores_the_previous_iptables(
     assert canonical_netfilter(saved(netns)) == before
     assert show["live_digest"] == rendered_for(v1, lab.root).expected_live_digest
     assert (await lab.ok("check"))["drift"] is False
+
+
+def waiting_timers(root: Path) -> set[int]:
+    """Rollback timers of the router at `root` that are alive (armed or waiting to be)."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"rollback_timer --root {root} "], capture_output=True, text=True
+    )
+    return {int(pid) for pid in found.stdout.split()}
+
+
+def detached_timers(root: Path) -> set[int]:
+    """Those of `waiting_timers` no longer children of this process (the launcher)."""
+    out = set()
+    for pid in waiting_timers(root):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) != os.getpid():
+                out.add(pid)
+    return out
+
+
+@needs_netns
+async def test_netns_the_next_window_is_armed_by_a_timer_started_ahead_and_still_rolls_back(
+    netns_lab: RouterLab, netns: str
+) -> None:
+    """In netns mode (one appliance per router) a rollback timer is started after each windowed
+    apply, so the next window is armed without waiting for an interpreter; armed that way, an
+    unconfirmed window still rolls back."""
+    lab = netns_lab
+    await lab.apply(web_bundle(1))
+    assert waiting_timers(lab.root) == set()  # no window, no timer started ahead
+    await lab.apply(web_bundle(2, ssh_port=2222), confirm_timeout=60)
+    await lab.ok("confirm 2")
+    # The timer started ahead has forked away from its launcher and waits to be armed.
+    await eventually_true(lambda: len(detached_timers(lab.root)) == 1, timeout=10)
+    (spare,) = detached_timers(lab.root)
+    before = canonical_netfilter(saved(netns))
+    applied = await lab.apply(web_bundle(3, ssh_port=2223), confirm_timeout=1)
+    assert applied["pending_confirm"] is True
+    pending = json.loads((lab.root / "applier" / "pending.json").read_text())
+    assert pending["pid"] == spare  # armed: the timer started ahead guards this window
+    show, _ = await eventually(lambda: lab.ok("show"), rolled_back, timeout=15)
+    assert show["version"] == 2 and show["last_rollback"]["ok"] is True
+    assert canonical_netfilter(saved(netns)) == before
+    assert spare not in waiting_timers(lab.root)  # it ran its window and ended
 
 
 @needs_netns

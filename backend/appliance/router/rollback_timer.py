@@ -54,6 +54,8 @@ class TimerLaunch:
             "--token",
             self.token,
         ]
+        self._pid: int | None = None
+        self._eof = False
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH")) if p)
         with open(state.timer_log, "ab") as log:
@@ -76,9 +78,8 @@ class TimerLaunch:
             raise TimerNotArmed("the rollback timer was already used")
         assert child.stdin is not None and child.stdout is not None
         try:
-            ready, _, _ = select.select([child.stdout], [], [], START_TIMEOUT)
-            line = child.stdout.readline() if ready else b""
-            if not line.strip().isdigit():
+            pid = self._pid if self._pid is not None else self._read_pid(START_TIMEOUT)
+            if pid is None:
                 raise TimerNotArmed(
                     f"the rollback timer did not start within {START_TIMEOUT:g}s (see {self._log})"
                 )
@@ -89,7 +90,37 @@ class TimerLaunch:
             raise TimerNotArmed(f"the rollback timer went away: {exc}") from exc
         finally:
             self._release()
-        return PendingConfirm(version, self.token, deadline, timeout, int(line), rollback_to)
+        return PendingConfirm(version, self.token, deadline, timeout, pid, rollback_to)
+
+    @property
+    def used(self) -> bool:
+        """Armed or cancelled: it cannot be armed (again)."""
+        return self._child is None
+
+    def healthy(self) -> bool:
+        """Whether it can still be armed: its timer is starting, or waiting to be armed. (A
+        launch kept for a later apply may have been killed meanwhile.)"""
+        if self._child is None:
+            return False
+        if self._pid is None:
+            self._pid = self._read_pid(0.0)
+            if self._pid is None:
+                return not self._eof  # still starting, or gone before it reported
+        return Path(f"/proc/{self._pid}").exists()
+
+    def _read_pid(self, wait: float) -> int | None:
+        """The timer's pid once it reported it (None: not within `wait` seconds, or never)."""
+        child = self._child
+        assert child is not None and child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], wait)
+        if not ready:
+            return None
+        line = child.stdout.readline()
+        if not line.strip().isdigit():
+            self._eof = True
+            return None
+        self._pid = int(line)
+        return self._pid
 
     def cancel(self) -> None:
         """Let an unarmed timer exit (end of file on its stdin); nothing if already armed."""
