@@ -590,7 +590,7 @@ class Engine:
         self._writable(f"apply the rules of {network}")
         if not 0 <= confirm_timeout <= 3600:
             raise InvalidInput("confirm_timeout", "must be between 0 and 3600 seconds")
-        await self.routers.show(network)  # NotFound before a job is made
+        await self.routers.require(network)  # NotFound before a job is made
         return await self.runner.submit(
             "router.apply",
             {"network": network, "confirm_timeout": confirm_timeout},

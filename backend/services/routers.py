@@ -221,6 +221,11 @@ class RouterService:
             self._built.popitem(last=False)
         return bundle
 
+    async def require(self, network: str) -> None:
+        """NotFound unless the network exists (cheap: its rules are not read)."""
+        async with self.engine.db.read() as s:
+            await self._network(s, network)
+
     async def show(self, network: str) -> dict[str, Any]:
         async with self.engine.db.read() as s:
             net = await self._network(s, network)
