@@ -112,9 +112,11 @@ class LoopLag:
         """Print the sampled stacks of stalls, most frequent first, to `file` (stderr)."""
         out = file or sys.stderr
         for stack, count in self.stacks.most_common():
-            print(f"---- {count} stall(s) in:\n{stack}", file=out)  # type: ignore[call-overload]
+            print(f"---- {count} sample(s) of the late loop in:\n{stack}", file=out)  # type: ignore[call-overload]
         for ms, seen in sorted(self.episodes, reverse=True)[:5]:
-            print(f"---- stall of ~{ms:.0f} ms, samples:", *seen, sep="\n  ", file=out)  # type: ignore[call-overload]
+            # The watchdog needs the GIL too: a long gap means it was starved, not how long
+            # the loop was late (the JSON figures say that).
+            print(f"---- watchdog gap ~{ms:.0f} ms, samples:", *seen, sep="\n  ", file=out)  # type: ignore[call-overload]
         for generation, ms, cpu, thread in self.gc_pauses:
             print(f"---- gc of generation {generation}: {ms} ms ({cpu} CPU) on {thread}", file=out)  # type: ignore[call-overload]
 
