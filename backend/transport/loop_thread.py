@@ -73,7 +73,7 @@ class LoopThread:
             return await asyncio.shield(outcome)
         except asyncio.CancelledError:
             if not outcome.done():  # this caller was cancelled: so is the work, then wait for it
-                loop.call_soon_threadsafe(lambda: started and started[0].cancel())
+                _post(loop, lambda: started and started[0].cancel())
             await _wait_out(outcome)
             raise
 
@@ -104,7 +104,7 @@ class LoopThread:
                 more, item = await items.get()
                 if not more:
                     break
-                loop.call_soon_threadsafe(credit[0].release)
+                _post(loop, credit[0].release)
                 yield item  # type: ignore[misc]
             await runner  # the producer's error, if any
         finally:
