@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from backend.appliance.router import vpn
 from backend.appliance.router.apply_errors import ApplyFailed, ApplyRefused
@@ -59,7 +59,6 @@ from backend.router.bundle import RouterBundle, changed_rule_ids
 from backend.router.rules import LoadBalancerRule
 
 MAX_DIFFERENCES = 50
-T = TypeVar("T")
 _SERVICE_FILES: dict[str, list[str]] = {k: list(v) for k, v in SERVICE_FILES.items()}
 _MANAGED = sorted({n for names in SERVICE_FILES.values() for n in names})
 
@@ -399,8 +398,7 @@ class RouterApplier:
                 serial, SnapshotData(bundle_json, rendered.iptables, rendered.files)
             )
 
-        side_work = _Background(prepare)
-        early: _Background[str] | None = None
+        side_work = _SideWork(prepare)
         old_pending = self.state.read_pending()
         new_pending: PendingConfirm | None = None
         try:
@@ -417,16 +415,10 @@ class RouterApplier:
                     raise ApplyFailed(f"nothing applied: {exc}") from None
                 self.state.write_pending(new_pending)  # the old window's timer now stands down
                 watch.lap("arm")
-            change, method, touched = self._tables_change(rendered, live, full)
-            # Legacy iptables saves table by table: the tables a delta leaves alone are read
-            # back while it loads (it replaces only its own tables), the others after it.
-            others = [t for t in TABLES if t not in touched]
-            if method == "delta" and self.tables.per_table and others:
-                early = _Background(lambda: self.tables.save(others))
-                early.start()
+            change, method = self._tables_change(rendered, live, full)
             try:
                 services = self._install(rendered, live, change, watch, side_work.start)
-                saved = self._measure(rendered, early, touched)
+                saved = self._measure(rendered)
                 watch.lap("readback")
                 side_work.result()
                 watch.lap("side_work")
@@ -449,8 +441,6 @@ class RouterApplier:
                 raise ApplyFailed(f"version {bundle.version} not applied: {exc}") from None
         except BaseException:
             side_work.wait_quietly()
-            if early is not None:
-                early.wait_quietly()
             self.state.drop_data(serial)
             raise
         meta = SnapshotMeta(
@@ -500,24 +490,21 @@ class RouterApplier:
 
     def _tables_change(
         self, rendered: RenderedBundle, live: SnapshotMeta | None, full: bool
-    ) -> tuple[TablesChange | None, str, tuple[str, ...]]:
-        """What to load (in netns mode a delta from the cached live ruleset when it is
-        current), how, and the tables it changes."""
+    ) -> tuple[TablesChange | None, str]:
+        """What to load: in netns mode a delta from the cached live ruleset when it is current."""
         if not self.tables.kernel:
-            return TablesChange(rendered.iptables, test=False), "recorded", TABLES
+            return TablesChange(rendered.iptables, test=False), "recorded"
         cache = self._cache
         if not full and cache is not None and live is not None and cache.serial == live.serial:
             delta = diff_rulesets(cache.rendered.ruleset, rendered.ruleset)
             if delta.empty:
-                return None, "unchanged", ()
+                return None, "unchanged"
             # A delta within one table loads as one commit (legacy: one table replaced; nft: one
             # transaction), so it goes live entirely or not at all: no separate --test run.
             # Across tables an early COMMIT could land before a later one fails: test first.
-            tables = tuple(sorted({table for table, _ in delta.touched()}))
-            change = TablesChange(delta.restore_text(), noflush=True, test=len(tables) > 1)
-            return change, "delta", tables
-        change = TablesChange(rendered.iptables, test=False, undo=self._undo_text(live))
-        return change, "full", TABLES
+            tables = {table for table, _ in delta.touched()}
+            return TablesChange(delta.restore_text(), noflush=True, test=len(tables) > 1), "delta"
+        return TablesChange(rendered.iptables, test=False, undo=self._undo_text(live)), "full"
 
     def _undo_text(self, live: SnapshotMeta | None) -> str:
         """The complete ruleset to load again if loading a new one fails part way: the live
@@ -550,20 +537,11 @@ class RouterApplier:
             before_tables=before_tables,
         )
 
-    def _measure(
-        self,
-        expected: RenderedBundle | None = None,
-        early: _Background[str] | None = None,
-        touched: tuple[str, ...] = TABLES,
-    ) -> str:
+    def _measure(self, expected: RenderedBundle | None = None) -> str:
         """The live digest of what is live now: the tables as saved, the config files on disk.
         When they are exactly what `expected` rendered to, that is its digest, found without
-        parsing the saved text line by line (`save_shows`); anything else is parsed. `early`
-        has saved the tables other than `touched` already."""
-        if early is not None:
-            saved = early.result() + self.tables.save(touched)
-        else:
-            saved = self.tables.save()
+        parsing the saved text line by line (`save_shows`); anything else is parsed."""
+        saved = self.tables.save()
         files = self.state.read_config_files(_MANAGED)
         if expected is not None and files == expected.files and save_shows(saved, expected.ruleset):
             return expected.expected_live_digest
@@ -589,33 +567,33 @@ class RouterApplier:
         return meta
 
 
-class _Background(Generic[T]):
+class _SideWork:
     """Work for a thread of its own, started when asked (or at the latest when its result is)."""
 
-    def __init__(self, work: Callable[[], T]) -> None:
+    def __init__(self, work: Callable[[], None]) -> None:
         self._work = work
-        self._future: Future[T] | None = None
+        self._future: Future[None] | None = None
 
     def start(self) -> None:
         if self._future is not None:
             return
-        future: Future[T] = Future()
+        future: Future[None] = Future()
         self._future = future
 
         def run() -> None:
             try:
-                result = self._work()
+                self._work()
             except BaseException as exc:
                 future.set_exception(exc)
             else:
-                future.set_result(result)
+                future.set_result(None)
 
         threading.Thread(target=run, name="router-apply-side-work", daemon=True).start()
 
-    def result(self) -> T:
+    def result(self) -> None:
         self.start()
         assert self._future is not None
-        return self._future.result()
+        self._future.result()
 
     def wait_quietly(self) -> None:
         if self._future is not None:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -33,14 +33,12 @@ class TablesError(Exception):
 
 class RuleTables(Protocol):
     kernel: bool
-    # Whether `save(tables)` reads only those tables (cheaper than all of them).
-    per_table: bool
 
     def test(self, text: str, *, noflush: bool = False) -> None: ...
 
     def restore(self, text: str, *, noflush: bool = False) -> None: ...
 
-    def save(self, tables: Sequence[str] = TABLES) -> str: ...
+    def save(self) -> str: ...
 
 
 class RecordedTables:
@@ -48,7 +46,6 @@ class RecordedTables:
     records it in a file, which is what `save` reads back (and what a drift test tampers with)."""
 
     kernel = False
-    per_table = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -61,7 +58,7 @@ class RecordedTables:
             raise TablesError("recorded tables take complete rulesets only")
         write_atomically(self.path, text)
 
-    def save(self, tables: Sequence[str] = TABLES) -> str:
+    def save(self) -> str:
         try:
             return self.path.read_text()
         except FileNotFoundError:
@@ -80,7 +77,6 @@ class NamespaceTables:
             raise ValueError(f"iptables: {variant!r} is not one of {', '.join(VARIANTS)}")
         self.netns = netns
         self.variant = variant
-        self.per_table = variant == "iptables-legacy"
 
     def _argv(self, tool: str, *options: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns, f"{self.variant}-{tool}", *options]
@@ -104,14 +100,14 @@ class NamespaceTables:
     def restore(self, text: str, *, noflush: bool = False) -> None:
         self._restore(text, ["--noflush"] if noflush else [])
 
-    def save(self, tables: Sequence[str] = TABLES) -> str:
-        """What is live in `tables`. Legacy iptables reads each table from the kernel on its
-        own, so they are saved at once, by a process each (three tables of 10,000 rules: two
-        thirds of the time of one full save); nft fetches the whole ruleset for any table, so
-        it is saved once, whole."""
-        if not self.per_table:
+    def save(self) -> str:
+        """What is live. Legacy iptables reads each table from the kernel on its own, so the
+        three tables we own are saved at once, by three processes (two thirds of the time of
+        one full save of 10,000 rules); nft fetches the whole ruleset for any table, so it is
+        saved once."""
+        if self.variant != "iptables-legacy":
             return self._save_all([self._argv("save")])
-        return self._save_all([self._argv("save", "-t", table) for table in tables])
+        return self._save_all([self._argv("save", "-t", table) for table in TABLES])
 
     def _save_all(self, argvs: list[list[str]]) -> str:
         procs: list[subprocess.Popen[str]] = []
