@@ -8,7 +8,9 @@ what the complete path gives: these tests compare them on random edits.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from typing import Any
 
 import pytest
@@ -233,3 +235,21 @@ def test_a_bundle_built_from_stored_json_text_is_the_bundle_built_from_values() 
     with pytest.raises(InvalidInput) as err:
         RouterBundle.from_json(broken)
     assert err.value.field == "bundle"
+
+
+def test_a_chain_of_patches_does_not_keep_the_old_bundles_alive() -> None:
+    """The router's applier keeps only its live bundle; a patched bundle must not hold the one
+    it patched (and that one its own base...), or a router patched all day would grow."""
+    current = RouterBundle.from_json(BASE.to_json())
+    olds = [weakref.ref(current)]
+    for version in range(2, 12):
+        rules = [r for r in BASE_RULES if r[0] != version]
+        nxt = RouterBundle.from_patch(bundle_patch(current, make(rules, version=version)), current)
+        assert nxt.change is not None and nxt.change.is_from(current)
+        _ = nxt._claims, nxt._by_type  # derived from the base's while it lives
+        current = nxt
+        olds.append(weakref.ref(current))
+    gc.collect()
+    assert [ref() is not None for ref in olds] == [False] * 10 + [True]
+    assert current.change is not None and current.change.base() is None
+    assert current == make([r for r in BASE_RULES if r[0] != 11], version=11)

@@ -14,6 +14,7 @@ import bisect
 import gc
 import hashlib
 import json
+import weakref
 from collections.abc import Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -125,11 +126,21 @@ class BundleRule:
 
 @dataclass(frozen=True)
 class RuleChange:
-    """How a patched bundle's rules differ from those of `base`, the bundle it patched."""
+    """How a patched bundle's rules differ from those of the bundle it patched (`base()`).
 
-    base: RouterBundle
+    The base is held weakly: a router patched a thousand times must not keep a thousand
+    bundles alive through this chain. While the base lives (it is the live one when the patch
+    is rendered), what changed is known without comparing 10,000 rules."""
+
+    _base: weakref.ReferenceType[RouterBundle]
     before: Mapping[int, BundleRule]  # base's rules that were removed or replaced, by id
     after: Mapping[int, BundleRule]  # the rules added or replacing, by id
+
+    def base(self) -> RouterBundle | None:
+        return self._base()
+
+    def is_from(self, bundle: RouterBundle) -> bool:
+        return self._base() is bundle
 
     @property
     def ids(self) -> set[int]:
@@ -204,9 +215,9 @@ class RouterBundle:
 
     @cached_property
     def _by_type(self) -> dict[RuleType, list[tuple[int, Rule]]]:
-        change = self.change
-        if change is not None and "_by_type" in change.base.__dict__:
-            return _by_type_changed(change.base._by_type, change)
+        base = self.change.base() if self.change is not None else None
+        if base is not None and self.change is not None and "_by_type" in base.__dict__:
+            return _by_type_changed(base._by_type, self.change)
         out: dict[RuleType, list[tuple[int, Rule]]] = {}
         for r in self.rules:
             out.setdefault(r.rule.type, []).append((r.id, r.rule))
@@ -215,9 +226,9 @@ class RouterBundle:
     @cached_property
     def _claims(self) -> dict[tuple[str, ...], list[tuple[BundleRule, Claim]]]:
         """Every rule's claims by resource (what a patch's rules are checked against)."""
-        change = self.change
-        if change is not None and "_claims" in change.base.__dict__:
-            return _claims_changed(change.base._claims, change)
+        base = self.change.base() if self.change is not None else None
+        if base is not None and self.change is not None and "_claims" in base.__dict__:
+            return _claims_changed(base._claims, self.change)
         out: dict[tuple[str, ...], list[tuple[BundleRule, Claim]]] = {}
         for r in self.rules:
             for claim in r.claims:
@@ -565,7 +576,7 @@ def changed_rule_ids(old: RouterBundle, new: RouterBundle) -> set[int]:
     otherwise a rule counts as unchanged when `new` holds the very object `old` does (bundles
     parsed with `previous` reuse unchanged rules), so this costs one dictionary pass; an equal
     but re-parsed rule counts as changed, which only costs its re-render."""
-    if new.change is not None and new.change.base is old:
+    if new.change is not None and new.change.is_from(old):
         return new.change.ids
     before = {r.id: r for r in old.rules}
     changed = {r.id for r in new.rules if before.pop(r.id, None) is not r}
@@ -618,7 +629,7 @@ def _patched_rules(
                 raise _in_rule(FieldReader({}, (), path=join("rules_put", i)), exc) from None
     for entry in added:  # so few are added that inserting beats sorting
         bisect.insort(kept, entry, key=_rule_id)
-    return tuple(kept), RuleChange(previous, before, {e.id: e for e in added})
+    return tuple(kept), RuleChange(weakref.ref(previous), before, {e.id: e for e in added})
 
 
 class _SortedIds:

@@ -66,7 +66,7 @@ def files_unchanged(old: RouterBundle, new: RouterBundle, changed: set[int] | No
     the VPN users and rules of the FILE_RULES types, and none of those changed."""
     if (old.network, old.vpn_users) != (new.network, new.vpn_users):
         return False
-    if new.change is not None and new.change.base is old:
+    if new.change is not None and new.change.is_from(old):
         entries = [*new.change.before.values(), *new.change.after.values()]
         return not any(isinstance(e.rule, FILE_RULES) for e in entries)
     if changed is None:
