@@ -1,12 +1,12 @@
 """The engine's heap settling: survivors frozen out of the collector's full scans, and cycles that
-died while frozen reclaimed once the frozen heap has doubled (backend.engine.heap)."""
+died while frozen reclaimed once the frozen heap has doubled (backend.heap)."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
-from backend.engine.heap import HeapSettler
+from backend.heap import HeapSettler
 
 
 class _Node:

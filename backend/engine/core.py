@@ -32,9 +32,9 @@ from backend.db.models import (
     Zone,
 )
 from backend.engine.events import EventBus
-from backend.engine.heap import HeapSettler
 from backend.engine.jobs import JobContext, JobKind, JobRunner
 from backend.errors import Conflict, EngineUnavailable, InvalidInput, NotFound, ReadOnly, SysvmError
+from backend.heap import HeapSettler
 from backend.hypervisor.connection import HostConnection
 from backend.hypervisor.pool import HypervisorPool
 from backend.lab.cloud import LAB_HOST_BACKENDS, LabCloud

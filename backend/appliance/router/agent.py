@@ -34,6 +34,7 @@ from backend.appliance.router.apply_errors import ApplyFailed, ApplyRefused
 from backend.appliance.router.rule_tables import TablesError
 from backend.appliance.router.site import RouterSite
 from backend.appliance.router.state_dir import CONFIRMED
+from backend.heap import HeapSettler
 
 if TYPE_CHECKING:  # the applier (and the renderers) are imported on first use: they load slowly
     # (and the SSH server only where it serves: a forced command under sshd needs no asyncssh)
@@ -46,6 +47,7 @@ EXIT_REFUSED = 2
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
 BOOT_INPUT_GRACE = 1.0
+SETTLE_AFTER = 1.0
 MAX_CONFIRM_TIMEOUT = 3600.0
 
 Work = Callable[["RouterApplier"], dict[str, Any]]
@@ -58,6 +60,21 @@ class RouterAgent:
         self._site_of = site_of
         self._appliers: dict[str, RouterApplier] = {}
         self._lock = threading.Lock()
+        self._settler = HeapSettler()
+        self._settle_handle: asyncio.TimerHandle | None = None
+
+    def _settle_heap(self) -> None:
+        """The applier keeps the live bundle parsed (some 30 objects a rule) for the next apply.
+        Left to the cycle collector, every full collection would walk all of them again, for
+        nothing: 100-700 ms pauses inside later applies. So they are frozen out of its scans at
+        once (what they free is still freed by reference counting), and once the appliance has
+        been quiet for SETTLE_AFTER seconds the heap is settled (`HeapSettler`), which also
+        frees cycles that died frozen once the frozen heap has doubled."""
+        gc.freeze()
+        if self._settle_handle is not None:
+            self._settle_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._settle_handle = loop.call_later(SETTLE_AFTER, self._settler.settle)
 
     def applier(self, vm: str) -> RouterApplier:
         """The applier of router `vm` (a new one when its site changed, e.g. on reboot).
@@ -146,11 +163,7 @@ class RouterAgent:
             return _refused(ctx, exc)
         try:
             answer = await asyncio.to_thread(work, applier)
-            # The applier keeps the live bundle parsed (some 30 objects a rule) for the next
-            # apply. Left to the cycle collector, every full collection would walk all of them
-            # again, for nothing (they hold no cycles): 100-700 ms pauses inside later applies.
-            # Frozen, they are skipped; what they free is still freed by reference counting.
-            gc.freeze()
+            self._settle_heap()
         except ApplyRefused as exc:
             return _refused(ctx, exc)
         except ApplyFailed as exc:

@@ -11,6 +11,9 @@ Frozen objects that later die in reference cycles are not freed by automatic col
 once the frozen heap has doubled since the last full settling, the next settling unfreezes
 first and scans everything: such garbage stays bounded by the live heap.
 
+The router appliance (a long-lived process keeping a parsed 10,000-rule bundle) freezes after each
+command and settles once it has been quiet for a second, with this same bound.
+
 Even the objects of work in flight are costly to scan (a burst of 100 router applies left ~25k
 of them, and a full collection then took 50-100 ms of CPU), so automatic full collections are
 also made rarer: one per FULL_EVERY collections of the middle generation instead of Python's 10.
