@@ -121,6 +121,12 @@ async def test_cancelling_a_job_that_ended_meanwhile_says_so(
         await pilot.press("c")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await console_engine.cancel_job(job.id)  # someone else was quicker
+        # The engine's cancel waits up to 10 s for the job to end; under load (the lab's
+        # reconciler writing for 8 zones) recording the end can take longer: the job must
+        # have ended before the console's own cancel goes out.
+        await wait_until(
+            pilot, lambda: jobs.jobs[job.id]["state"] == "cancelled", timeout=60, what="cancelled"
+        )
         await pilot.press("enter")
         await wait_until(
             pilot,
