@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import event, text
 
 from backend.db.database import POOL_SIZE, Database
@@ -54,3 +56,36 @@ async def test_sessions_nested_in_every_pooled_one_do_not_deadlock(tmp_path: Pat
     finally:
         await db.close()
     assert got == [2] * POOL_SIZE
+
+
+async def test_a_cancelled_writer_does_not_cut_its_transaction_and_the_next_write_proceeds(
+    tmp_path: Path,
+) -> None:
+    """Cutting a transaction between its statements and its rollback left SQLite's write lock
+    held by a pooled connection, and the next write (a cancelled job recording so) waited on it
+    for many seconds. The transaction now ends whole in a task of its own."""
+    db = Database(tmp_path / "sysvm.db")
+    await db.open()
+    started = asyncio.Event()
+
+    async def slow(s: Any) -> None:
+        await s.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
+        await s.execute(text("INSERT INTO t VALUES (1)"))
+        started.set()
+        await asyncio.sleep(0.5)  # the caller is cancelled here, mid-transaction
+
+    async def insert_two(s: Any) -> None:
+        await s.execute(text("INSERT INTO t VALUES (2)"))
+
+    try:
+        writer = asyncio.create_task(db.write(slow))
+        await started.wait()
+        writer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        await asyncio.wait_for(db.write(insert_two), 5)
+        async with db.read() as s:
+            rows = sorted(r[0] for r in (await s.execute(text("SELECT x FROM t"))).all())
+    finally:
+        await db.close()
+    assert rows == [1, 2]  # the cancelled caller's transaction ended whole, then the next one

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 from backend.errors import SysvmError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 POOL_SIZE = 32
 """Connections kept open (each an aiosqlite thread), and sessions open at once outside another."""
@@ -162,8 +164,20 @@ class Database:
     async def write(self, work: Callable[[AsyncSession], Awaitable[T]], *, retries: int = 20) -> T:
         """Run `work` in one transaction, committed at the end; retried while SQLite is busy.
 
-        `work` must be safe to run again (it is rolled back before a retry).
+        `work` must be safe to run again (it is rolled back before a retry). The transaction
+        runs in a task of its own that the caller's cancellation does not cut: cut between its
+        statements and its rollback, it left SQLite's write lock held by a pooled connection,
+        and every later write (a cancelled job recording that it was cancelled) waited for it.
+        A cancelled caller gets CancelledError at once; its transaction still ends whole.
         """
+        transaction = asyncio.ensure_future(self._write(work, retries))
+        try:
+            return await asyncio.shield(transaction)
+        except asyncio.CancelledError:
+            transaction.add_done_callback(_forget_outcome)
+            raise
+
+    async def _write(self, work: Callable[[AsyncSession], Awaitable[T]], retries: int) -> T:
         delay = 0.01
         for attempt in range(retries + 1):
             async with self._write_lock:
@@ -194,6 +208,12 @@ class Database:
                     yield session
             finally:
                 _in_session.reset(token)
+
+
+def _forget_outcome(task: asyncio.Future[Any]) -> None:
+    """The outcome of a write whose caller was cancelled: nobody awaits it any more."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a write whose caller was cancelled failed: %s", task.exception())
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
