@@ -192,6 +192,57 @@ async def test_port_forward_reaches_a_guest_server_and_deleting_it_cuts_the_path
     assert gone.returncode != 0 and gone.stdout != "vm1", gone
 
 
+_UDP_ECHO = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+    "s.bind((sys.argv[1],int(sys.argv[2])))\n"
+    "while True:\n"
+    " d,a=s.recvfrom(100)\n"
+    " s.sendto(b'echo '+d,a)\n"
+)
+_UDP_ASK = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+    "s.settimeout(1)\n"
+    "s.sendto(b'hi',(sys.argv[1],int(sys.argv[2])))\n"
+    "try: print(s.recvfrom(100)[0].decode())\n"
+    "except OSError: print('no answer')\n"
+)
+
+
+async def test_a_udp_port_forward_reaches_exactly_its_port(lab: NetnsLab) -> None:
+    """UDP ports are matched with `multiport` (see netfilter._port_match): a datagram to the
+    forwarded port is answered by the guest, one to the next port is not."""
+    vm1 = lab.vms[0]
+    echo = subprocess.Popen(
+        ["ip", "netns", "exec", vm1.ns, sys.executable, "-c", _UDP_ECHO, vm1.ip, "9999"],
+        stdin=subprocess.DEVNULL,
+    )
+    lab.servers.append(echo)
+    await lab.rule(
+        "port-forward",
+        public_ip=lab.public_ip,
+        public_port=5300,
+        private_ip=vm1.ip,
+        private_port=9999,
+        protocol="udp",
+    )
+    await lab.apply()
+
+    async def ask(port: int) -> str:
+        done = await asyncio.to_thread(
+            ns_run, netns.PUBLIC_NS, sys.executable, "-c", _UDP_ASK, lab.public_ip, str(port)
+        )
+        return done.stdout.strip()
+
+    await until(lambda: _echoes(ask), 10, "the guest echoes through the forward")
+    assert await ask(5301) == "no answer"
+
+
+async def _echoes(ask: Callable[[int], Awaitable[str]]) -> bool:
+    return await ask(5300) == "echo hi"
+
+
 async def test_the_routers_appliance_service_keeps_its_state_so_a_change_is_a_delta(
     lab: NetnsLab,
 ) -> None:

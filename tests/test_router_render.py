@@ -149,12 +149,12 @@ def test_full_ruleset_golden_lines() -> None:
         # source NAT (rule 8)
         '-A SYSVM_SNAT -s 10.1.1.0/24 -o eth2 -m comment --comment "rule 8" -j SNAT --to-source 203.0.113.5',
         # egress (rule 3) under default deny: rules allow, the head's default drops
-        '-A SYSVM_FWE_03 -s 10.1.1.0/25 -d 198.51.100.0/24 -p udp -m udp --dport 53 -m comment --comment "rule 3" -j ACCEPT',
+        '-A SYSVM_FWE_03 -s 10.1.1.0/25 -d 198.51.100.0/24 -p udp -m multiport --dports 53 -m comment --comment "rule 3" -j ACCEPT',
         "-A SYSVM_FORWARD -i eth1 -o eth2 -j SYSVM_FW_EGRESS",
         # load balancer (rule 5): haproxy's port on the router; open_firewall is false here
         '-A SYSVM_IN_05 -d 203.0.113.7/32 -p tcp -m tcp --dport 80 -m comment --comment "rule 5" -j ACCEPT',
         # remote-access VPN (rule 7)
-        '-A SYSVM_FWI_07 -d 203.0.113.5/32 -p udp -m policy --dir in --pol ipsec -m udp --dport 1701 -m comment --comment "rule 7" -j ACCEPT',
+        '-A SYSVM_FWI_07 -d 203.0.113.5/32 -p udp -m policy --dir in --pol ipsec -m multiport --dports 1701 -m comment --comment "rule 7" -j ACCEPT',
         '-A SYSVM_FWD_07 -i ppp+ -o eth1 -m iprange --src-range 10.1.2.2-10.1.2.8 -m comment --comment "rule 7" -j ACCEPT',
     ]
     lines = set(text.splitlines())
@@ -217,7 +217,7 @@ def test_interface_names_and_control_sources_are_parameters() -> None:
     assert chain_lines(text, "SYSVM_INPUT")[0] == (
         "-A SYSVM_INPUT -s 169.254.0.1/32 -i eth1 -p tcp -m tcp --dport 3922 -j ACCEPT"
     )
-    assert "-A SYSVM_INPUT -i eth0 -p udp -m udp --dport 67 -j ACCEPT" in text
+    assert "-A SYSVM_INPUT -i eth0 -p udp -m multiport --dports 67 -j ACCEPT" in text
     with pytest.raises(InvalidInput) as err:
         RouterInterfaces(control="eth0", guest="eth0")
     assert err.value.field == "interfaces.guest"
