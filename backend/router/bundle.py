@@ -301,6 +301,12 @@ class RouterBundle:
                     previous.control_sources,
                     change,
                 )
+                # Derive the indexes the next patch and the render use now, from the base's,
+                # while the base is alive (it is held weakly): later they would be built anew
+                # from all the rules (~15 ms for 10,000).
+                for index in ("_claims", "_by_type"):
+                    if index in previous.__dict__:
+                        getattr(bundle, index)
         claimed = top.require("digest")
         if bundle.digest != claimed:
             raise InvalidInput(
