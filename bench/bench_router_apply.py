@@ -344,7 +344,17 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--routers", type=int, default=ROUTERS)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--only",
+        default="legacy,nft,engine,concurrent",
+        help="comma-separated parts to run: legacy, nft (the two iptables variants over SSH), "
+        "engine (the whole product, netns lab), concurrent (100 routers); default all",
+    )
     args = parser.parse_args()
+    parts = set(args.only.split(","))
+    unknown = parts - {"legacy", "nft", "engine", "concurrent"}
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     out: dict[str, Any] = {"name": "router_apply", "figures": {}, "baseline": {}, "ratio": {}}
     if os.geteuid() != 0 or not shutil.which("ip"):
         out["skipped_netns"] = "needs root and iproute2 for network namespaces"
@@ -352,7 +362,8 @@ async def main() -> None:
         key = Path(tempfile.mkdtemp(prefix="sysvm-bench-key-")) / "id_ed25519"
         generate_keypair(key)
         transport = SystemVMTransport(load_client_key(key), command_timeout=600)
-        variants = [v for v in ("iptables-legacy", "iptables") if shutil.which(f"{v}-restore")]
+        wanted = {"iptables-legacy": "legacy" in parts, "iptables": "nft" in parts}
+        variants = [v for v, want in wanted.items() if want and shutil.which(f"{v}-restore")]
         async with GuestHost(key) as host:
             for variant in variants:
                 figures = await netns_variant(host, transport, variant, args.rounds, args.rules)
@@ -365,8 +376,10 @@ async def main() -> None:
                         base["wall_s"] / figures["full_apply_s"], 1
                     )
         await transport.close()
-        out["figures"]["netns_lab_engine"] = await netns_lab_router(args.rules, args.rounds)
-    out["figures"]["concurrent_routers"] = await many_routers(args.routers)
+        if "engine" in parts:
+            out["figures"]["netns_lab_engine"] = await netns_lab_router(args.rules, args.rounds)
+    if "concurrent" in parts:
+        out["figures"]["concurrent_routers"] = await many_routers(args.routers)
     out["target"] = {
         "full_apply_s": 0.5,
         "one_rule_change_s": 0.1,
