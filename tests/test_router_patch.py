@@ -253,3 +253,24 @@ def test_a_chain_of_patches_does_not_keep_the_old_bundles_alive() -> None:
     assert [ref() is not None for ref in olds] == [False] * 10 + [True]
     assert current.change is not None and current.change.base() is None
     assert current == make([r for r in BASE_RULES if r[0] != 11], version=11)
+
+
+def test_a_patched_bundle_derives_its_indexes_from_its_base_before_the_base_is_gone() -> None:
+    """The base is held weakly, so the claims and by-type indexes of a patched bundle are derived
+    when it is made; derived later, with the base gone, they would be rebuilt from every rule
+    (~14 ms for 10,000) at each patch of a chain. They equal the ones built from scratch."""
+    current = RouterBundle.from_json(BASE.to_json())
+    _ = current._claims, current._by_type
+    for version in range(2, 6):
+        rules = [r for r in BASE_RULES if r[0] != version]
+        nxt = RouterBundle.from_patch(bundle_patch(current, make(rules, version=version)), current)
+        assert "_claims" in nxt.__dict__ and "_by_type" in nxt.__dict__
+        current = nxt
+    gc.collect()
+    again = RouterBundle.from_json(current.to_json())
+    assert current._by_type == again._by_type
+    assert _claims_by_id(current) == _claims_by_id(again)
+
+
+def _claims_by_id(bundle: RouterBundle) -> dict[Any, list[Any]]:
+    return {k: sorted((r.id, repr(c)) for r, c in v) for k, v in bundle._claims.items()}
