@@ -29,6 +29,7 @@ from backend.appliance.endpoint import ApplianceEndpoints
 from backend.appliance.router import vpn
 from backend.appliance.router.agent import register_router
 from backend.appliance.router.apply import RouterApplier
+from backend.appliance.router.apply_errors import ApplyFailed
 from backend.appliance.router.installer import Stopwatch, TablesChange, install
 from backend.appliance.router.layout import RouterPaths
 from backend.appliance.router.live_digest import (
@@ -919,6 +920,39 @@ def test_netns_a_ruleset_failing_in_a_later_table_leaves_the_tables_as_they_were
         )
     assert "the previous ruleset is live again" in str(err.value)
     assert canonical_netfilter(saved(netns, variant)) == before
+
+
+@needs_netns
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_netns_a_first_bundle_failing_in_a_later_table_leaves_what_ran_before(
+    netns: str, variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before a router's first bundle, what to load again on failure is what the tables hold,
+    read while the bundle is parsed. A failure in a later table cannot be produced with a valid
+    bundle, so the rendered ruleset is given a bad mangle line (an injected fault)."""
+    for table, chain, source in (
+        ("filter", "INPUT", "192.0.2.99/32"),
+        ("nat", "POSTROUTING", "192.0.2.98/32"),
+        ("mangle", "PREROUTING", "192.0.2.97/32"),
+    ):
+        made = ns(netns, variant, "-t", table, "-A", chain, "-s", source, "-j", "RETURN")
+        assert made.returncode == 0, made.stderr
+    before = canonical_netfilter(saved(netns, variant))
+    applier = RouterApplier(RouterSite(tmp_path / "router", netns, variant, services=False))
+    render = applier.render
+
+    def bad_render(*args: Any, **kwargs: Any) -> Any:
+        rendered = render(*args, **kwargs)
+        good = rendered.iptables
+        rendered.__dict__["iptables"] = good.replace("*mangle\n", "*mangle\n-A SYSVM_NO -j X\n")
+        return rendered
+
+    monkeypatch.setattr(applier, "render", bad_render)
+    with pytest.raises(ApplyFailed) as err:
+        applier.apply(web_bundle(1).to_json())
+    assert "the previous ruleset is live again" in str(err.value)
+    after = canonical_netfilter(saved(netns, variant))
+    assert after == before and "-A INPUT -s 192.0.2.99/32 -j RETURN" in after
 
 
 @needs_netns

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from backend.appliance.router import vpn
 from backend.appliance.router.apply_errors import ApplyFailed, ApplyRefused
@@ -111,6 +111,7 @@ class RouterApplier:
         # interpreter to start (~0.1 s). Not in local mode, where one process serves many.
         self._spare: TimerLaunch | None = None
         self._keeps_spare = site.mode == "netns"
+        self._loads = 0  # table loads begun by this applier (see `apply`'s early undo)
 
     # ------------------------------------------------------------------ commands
 
@@ -124,6 +125,13 @@ class RouterApplier:
         # With a window, the timer's interpreter starts now, while the bundle is parsed and
         # rendered; it is armed just before the new rules go live.
         launch = self._launch_timer() if confirm_timeout > 0 else None
+        # A router's first bundle: if loading it fails part way, what the tables hold now is
+        # loaded again. It is read (three processes) while the bundle is parsed and rendered.
+        early_undo: _SideWork[str] | None = None
+        if self.tables.kernel and self._cache is None and self.state.read_meta(LIVE) is None:
+            early_undo = _SideWork(self._tables_now)
+            early_undo.start()
+        loads_before = self._loads
         try:
             cache = self._cache
             previous = cache.rendered.bundle if cache else None
@@ -160,6 +168,9 @@ class RouterApplier:
                     watch,
                     full=False,
                     launch=launch,
+                    # Another load meanwhile (this process is the router's only applier in netns
+                    # mode) may have changed the tables under the early read: read them again.
+                    early_undo=early_undo if self._loads == loads_before else None,
                 )
         finally:
             self._after_apply(launch, confirm_timeout)
@@ -382,6 +393,7 @@ class RouterApplier:
         *,
         full: bool,
         launch: TimerLaunch | None = None,
+        early_undo: _SideWork[str] | None = None,
     ) -> dict[str, Any]:
         """Arm (with a window), install, measure, record. The caller holds the lock.
 
@@ -415,7 +427,8 @@ class RouterApplier:
                     raise ApplyFailed(f"nothing applied: {exc}") from None
                 self.state.write_pending(new_pending)  # the old window's timer now stands down
                 watch.lap("arm")
-            change, method = self._tables_change(rendered, live, full)
+            self._loads += 1
+            change, method = self._tables_change(rendered, live, full, early_undo)
             try:
                 services = self._install(rendered, live, change, watch, side_work.start)
                 saved = self._measure(rendered)
@@ -426,7 +439,7 @@ class RouterApplier:
                     # The tables were not the previous bundle's: load the complete ruleset.
                     method = "full (delta found drift)"
                     full_change = TablesChange(
-                        rendered.iptables, test=False, undo=self._undo_text(live)
+                        rendered.iptables, test=False, undo=self._undo_text(live, early_undo)
                     )
                     self._install(rendered, live, full_change, watch)
                     saved = self._measure(rendered)
@@ -489,7 +502,11 @@ class RouterApplier:
             raise ApplyFailed(f"nothing applied: cannot start the rollback timer: {exc}") from None
 
     def _tables_change(
-        self, rendered: RenderedBundle, live: SnapshotMeta | None, full: bool
+        self,
+        rendered: RenderedBundle,
+        live: SnapshotMeta | None,
+        full: bool,
+        early_undo: _SideWork[str] | None = None,
     ) -> tuple[TablesChange | None, str]:
         """What to load: in netns mode a delta from the cached live ruleset when it is current."""
         if not self.tables.kernel:
@@ -504,16 +521,21 @@ class RouterApplier:
             # Across tables an early COMMIT could land before a later one fails: test first.
             tables = {table for table, _ in delta.touched()}
             return TablesChange(delta.restore_text(), noflush=True, test=len(tables) > 1), "delta"
-        return TablesChange(rendered.iptables, test=False, undo=self._undo_text(live)), "full"
+        undo = self._undo_text(live, early_undo)
+        return TablesChange(rendered.iptables, test=False, undo=undo), "full"
 
-    def _undo_text(self, live: SnapshotMeta | None) -> str:
+    def _undo_text(self, live: SnapshotMeta | None, early: _SideWork[str] | None = None) -> str:
         """The complete ruleset to load again if loading a new one fails part way: the live
-        snapshot's, or before any bundle, what the tables hold now."""
+        snapshot's, or before any bundle, what the tables hold now (read by `early` while the
+        bundle was parsed, if given: no apply could run meanwhile, `live` is still None)."""
         cache = self._cache
         if live is not None and cache is not None and cache.serial == live.serial:
             return cache.rendered.iptables
         if live is not None:
             return self.state.read_data(live).iptables
+        return early.result() if early is not None else self._tables_now()
+
+    def _tables_now(self) -> str:
         return _with_every_table(self.tables.save())
 
     def _install(
@@ -567,33 +589,36 @@ class RouterApplier:
         return meta
 
 
-class _SideWork:
+T = TypeVar("T")
+
+
+class _SideWork(Generic[T]):
     """Work for a thread of its own, started when asked (or at the latest when its result is)."""
 
-    def __init__(self, work: Callable[[], None]) -> None:
+    def __init__(self, work: Callable[[], T]) -> None:
         self._work = work
-        self._future: Future[None] | None = None
+        self._future: Future[T] | None = None
 
     def start(self) -> None:
         if self._future is not None:
             return
-        future: Future[None] = Future()
+        future: Future[T] = Future()
         self._future = future
 
         def run() -> None:
             try:
-                self._work()
+                value = self._work()
             except BaseException as exc:
                 future.set_exception(exc)
             else:
-                future.set_result(None)
+                future.set_result(value)
 
         threading.Thread(target=run, name="router-apply-side-work", daemon=True).start()
 
-    def result(self) -> None:
+    def result(self) -> T:
         self.start()
         assert self._future is not None
-        self._future.result()
+        return self._future.result()
 
     def wait_quietly(self) -> None:
         if self._future is not None:
