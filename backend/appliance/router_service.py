@@ -10,7 +10,9 @@ hands the session's command and stdin to this service and prints its answer.
 It listens on an abstract Unix socket (`socket_name(vm)`), which exists only in the router's
 network namespace and leaves no file behind, and serves only root (checked with SO_PEERCRED).
 Per connection: one JSON line {"command": SSH_ORIGINAL_COMMAND}, then the session's stdin to end
-of file; the answer is one JSON line {"status": exit status, "stdout": text, "stderr": text}.
+of file; the answer is one JSON line {"status": exit status, "stdout": text, "stderr": text}, or,
+when the request says `"answer": "frame"` (the relay does), `framed_answer`'s frame, which the
+relay reads without importing `json`.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import socket
 import struct
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from backend.appliance.forced_command import EXIT_UNKNOWN_COMMAND, EXIT_USAGE, commands
 from backend.appliance.router.agent import RouterAgent
 from backend.appliance.router.site import RouterSite
-from backend.appliance.service_socket import socket_name
+from backend.appliance.service_socket import framed_answer, socket_name
 
 if TYPE_CHECKING:
     from backend.appliance.endpoint import CommandContext
@@ -79,10 +82,10 @@ class RouterService:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if not _from_root(writer):
-                answer = {"status": EXIT_USAGE, "stdout": "", "stderr": "only root may ask\n"}
+                answer = _Answer(EXIT_USAGE, "", "only root may ask\n", framed=False)
             else:
                 answer = await self._answer(reader)
-            writer.write((json.dumps(answer) + "\n").encode())
+            writer.write(answer.encode())
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.info("a relay went away: %s", exc)
@@ -91,23 +94,36 @@ class RouterService:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, object]:
+    async def _answer(self, reader: asyncio.StreamReader) -> _Answer:
         header = await reader.readline()
         try:
-            command = str(json.loads(header)["command"])
+            request = json.loads(header)
+            command = str(request["command"])
+            framed = request.get("answer") == "frame"
             argv = shlex.split(command)
-        except (ValueError, KeyError, TypeError) as exc:
-            return {"status": EXIT_USAGE, "stdout": "", "stderr": f"bad request: {exc}\n"}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return _Answer(EXIT_USAGE, "", f"bad request: {exc}\n", framed=False)
         handler = self.table.get(tuple(argv[:2]))
         if handler is None:
-            return {
-                "status": EXIT_UNKNOWN_COMMAND,
-                "stdout": "",
-                "stderr": "unknown command (this router runs its fixed commands only)\n",
-            }
+            unknown = "unknown command (this router runs its fixed commands only)\n"
+            return _Answer(EXIT_UNKNOWN_COMMAND, "", unknown, framed=framed)
         ctx = SocketContext(self.vm, argv[2:], reader, self.booted_at)
         status = await handler(cast("CommandContext", ctx))
-        return {"status": status, "stdout": "".join(ctx.out), "stderr": ""}
+        return _Answer(status, "".join(ctx.out), "", framed=framed)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    stdout: str
+    stderr: str
+    framed: bool  # the relay asked for `framed_answer`'s frame; else one JSON line
+
+    def encode(self) -> bytes:
+        if self.framed:
+            return framed_answer(self.status, self.stdout, self.stderr)
+        fields = {"status": self.status, "stdout": self.stdout, "stderr": self.stderr}
+        return (json.dumps(fields) + "\n").encode()
 
 
 def _from_root(writer: asyncio.StreamWriter) -> bool:
