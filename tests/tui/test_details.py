@@ -161,3 +161,53 @@ async def test_details_of_hosts_zones_and_guest_vms(lab: Engine, wait_until: Any
         await select(pilot, tree, guest)
         text = text_of(pane)
         assert "guest VM" in text and guest.data["ip"] in text and "zone1-net2" in text
+
+
+async def test_pane_drops_its_scrollbar_when_the_next_item_fits(
+    lab: Engine, wait_until: Any
+) -> None:
+    """Textual re-decides scrollbars when a region changes, not when the text does: the SSVM's
+    scrollbar must not stay over the short text of a guest VM (its gutter in the bar's colour)."""
+    app = SysvmApp(lab, clock=False)
+    async with app.run_test(size=SIZE) as pilot:
+        tree = await loaded(pilot, app, wait_until)
+        pane = app.main_screen.details
+        ssvm = zone_vm(tree, "zone1", "ssvm")
+        await select(pilot, tree, ssvm)
+        await fetched(pilot, pane, ssvm.name, wait_until)
+        assert len(pane.text_lines) > pane.scrollable_content_region.height
+        assert pane.show_vertical_scrollbar
+
+        guest = tree.item("guest_vm", "zone1-net1-vm1")
+        assert guest is not None
+        await select(pilot, tree, guest)
+        await pilot.pause()
+        assert len(pane.text_lines) < pane.scrollable_content_region.height
+        assert not pane.show_vertical_scrollbar
+        assert not pane.show_horizontal_scrollbar
+
+        await select(pilot, tree, ssvm)
+        await pilot.pause()
+        assert pane.show_vertical_scrollbar
+
+
+async def test_narrowed_pane_has_no_sideways_scrollbar(lab: Engine, wait_until: Any) -> None:
+    """Text drawn at the old, wider width until the repaint must not leave a horizontal bar
+    across the pane's last row (it did when the narrowing came in one layout pass, as when
+    the console starts at 80 columns and the first jobs arrive early)."""
+    app = SysvmApp(lab, clock=False)
+    async with app.run_test(size=(130, 30)) as pilot:
+        tree = await loaded(pilot, app, wait_until)
+        pane = app.main_screen.details
+        guest = tree.item("guest_vm", "zone1-net1-vm1")
+        assert guest is not None
+        await select(pilot, tree, guest)
+        wide = pane.scrollable_content_region.width
+        await pilot.resize_terminal(*SIZE)
+        await wait_until(
+            pilot, lambda: pane.scrollable_content_region.width < wide, what="the narrower pane"
+        )
+        await pilot.pause()
+        assert pane.virtual_size.width == pane.scrollable_content_region.width
+        assert not pane.show_horizontal_scrollbar
+        assert not pane.show_vertical_scrollbar

@@ -167,14 +167,13 @@ async def test_confirm_destroy_80x24(snapshot_engine: Path, snap_compare: SnapCo
         guest = tree.item("guest_vm", "zone1-net1-vm1")
         assert guest is not None
         tree.jump_to(guest)
-        # the VM's details load after the cursor lands; under a loaded machine (the whole
-        # suite) they were still arriving behind the modal when the picture was taken
-        await pilot.pause(1.0)
+        # A guest VM's details come from the tree's item, nothing is read from the engine.
+        details = app.main_screen.details
+        await _until(pilot, lambda: details.item is guest)
         await pilot.press("D")
         await _until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
-        # let the screen behind the modal finish its own refresh (details of the VM)
         await pilot.wait_for_scheduled_animations()
-        await pilot.pause(1.5)
+        await pilot.pause()
 
     assert await _snap(snap_compare, snapshot_engine, run_before)
 

@@ -66,10 +66,13 @@ class DetailsPane(ScrollView, can_focus=True):
     DetailsPane {
         height: 1fr;
         padding: 0 1;
+        overflow-x: hidden;
         scrollbar-size-vertical: 1;
         scrollbar-gutter: stable;
     }
     """
+    # overflow-x: lines are rendered at the pane's width, so there is nothing to scroll sideways
+    # (only between a narrowing resize and the repaint is the old, wider text still there).
 
     FETCH_DELAY = 0.15
     """Seconds the cursor must rest on a VM (or its events settle) before the engine is asked."""
@@ -210,6 +213,10 @@ class DetailsPane(ScrollView, can_focus=True):
         height = max(len(self._lines), self.scrollable_content_region.height)
         if self.virtual_size != Size(width, height):
             self.virtual_size = Size(width, height)
+            # Textual decides a ScrollView's scrollbars again only when its region changes, not
+            # when its virtual size does, and text that fits gives the very size of the region:
+            # a scrollbar shown for a longer item would stay (full thumb, the gutter in its colour).
+            self._scroll_update(self.virtual_size)
         self.refresh()
 
     def render_line(self, y: int) -> Strip:
