@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,8 @@ VARIANTS = ("iptables", "iptables-legacy", "iptables-nft")
 TABLES = ("filter", "nat", "mangle")
 NETNS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RESTORE_TIMEOUT = 120.0
+NETNS_DIR = "/run/netns"  # where `ip netns` names namespaces
+_NSENTER = shutil.which("nsenter")
 _FAILED_LINE = re.compile(r"line:? (\d+)")
 
 
@@ -79,7 +82,16 @@ class NamespaceTables:
         self.variant = variant
 
     def _argv(self, tool: str, *options: str) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, f"{self.variant}-{tool}", *options]
+        """The tool's command line in the router's namespace. A router's appliance service runs
+        inside it already: the tool runs directly. Elsewhere `nsenter --net` enters it; `ip netns
+        exec` also makes a mount namespace and mounts /sys, which cost each iptables-save ~7 ms
+        (a 2,500-rule table is saved in ~15 ms)."""
+        binary = f"{self.variant}-{tool}"
+        if _inside(self.netns):
+            return [binary, *options]
+        if _NSENTER is not None:
+            return [_NSENTER, f"--net={NETNS_DIR}/{self.netns}", "--", binary, *options]
+        return ["ip", "netns", "exec", self.netns, binary, *options]
 
     def _restore(self, text: str, options: list[str]) -> None:
         # -w: wait for the xtables lock, which (legacy) is shared by every namespace on the host.
@@ -134,6 +146,15 @@ class NamespaceTables:
                         f"{self.variant}-save in {self.netns} failed: {err.strip()[:300]}"
                     )
             return "".join(_read_all(out) for out in outs)
+
+
+def _inside(netns: str) -> bool:
+    """Whether this process is in network namespace `netns` (named under /run/netns)."""
+    try:
+        mine, named = os.stat("/proc/self/ns/net"), os.stat(f"{NETNS_DIR}/{netns}")
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)
 
 
 @contextlib.contextmanager
