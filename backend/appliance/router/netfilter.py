@@ -25,9 +25,10 @@ comments), so the live digest of a router can be compared with the one its bundl
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property
+from typing import Any
 
 from backend.appliance.router.layout import RouterInterfaces
 from backend.appliance.router.rule_tables import TABLES
@@ -66,7 +67,12 @@ class Section:
     bucket_prefix: str
 
     def bucket(self, rule_id: int) -> str:
-        return f"{self.bucket_prefix}{rule_id % BUCKETS:02d}"
+        return self.buckets[rule_id % BUCKETS]
+
+    @cached_property
+    def buckets(self) -> tuple[str, ...]:
+        """The bucket chains' names by number (rendering 10,000 rules looks one up per line)."""
+        return tuple(f"{self.bucket_prefix}{k:02d}" for k in range(BUCKETS))
 
 
 FW_INGRESS = Section("mangle", "SYSVM_FW_INGRESS", "SYSVM_FWI_")
@@ -312,32 +318,38 @@ def _vpn(rule_id: int, rule: RemoteAccessVpn, ifs: RouterInterfaces) -> list[Fra
     ]
 
 
-@lru_cache(maxsize=1 << 17)
 def rule_lines(
     rule_id: int, rule: Rule, ifs: RouterInterfaces, egress_action: str
 ) -> tuple[tuple[str, str], ...]:
-    """The (bucket chain, `-A` line) pairs one rule contributes. Memoized: re-rendering a bundle
-    whose rules were rendered before (the old and new bundle of a delta) costs lookups only."""
-    if isinstance(rule, FirewallIngressRule):
-        frags = _ingress(rule_id, rule)
-    elif isinstance(rule, FirewallEgressRule):
-        frags = _egress(rule_id, rule, egress_action)
-    elif isinstance(rule, PortForwardRule):
-        frags = _port_forward(rule_id, rule)
-    elif isinstance(rule, StaticNatRule):
-        frags = _static_nat(rule_id, rule, ifs)
-    elif isinstance(rule, LoadBalancerRule):
-        frags = _load_balancer(rule_id, rule)
-    elif isinstance(rule, RemoteAccessVpn):
-        frags = _vpn(rule_id, rule, ifs)
-    else:
-        # Source NAT is a line of the SNAT head chain; DHCP and DNS entries live in dnsmasq.
-        frags = []
-    out = []
-    for section, line_spec in frags:
-        chain = section.bucket(rule_id)
-        out.append((chain, f"-A {chain} {line_spec}"))
-    return tuple(out)
+    """The (bucket chain, `-A` line) pairs one rule contributes. Not memoized: a delta renders
+    the rules of its changed buckets only (~160 of 10,000: under a millisecond), and hashing every
+    rule for a cache cost a first render of 10,000 rules a quarter of its time."""
+    render = _RENDERERS.get(type(rule))
+    if render is None:
+        render = next((r for kind, r in _RENDERERS.items() if isinstance(rule, kind)), _nothing)
+    k = rule_id % BUCKETS
+    return tuple(
+        (chain, f"-A {chain} {line_spec}")
+        for section, line_spec in render(rule_id, rule, ifs, egress_action)
+        for chain in (section.buckets[k],)
+    )
+
+
+def _nothing(rule_id: int, rule: Rule, ifs: RouterInterfaces, action: str) -> list[Fragment]:
+    # Source NAT is a line of the SNAT head chain; DHCP and DNS entries live in dnsmasq.
+    return []
+
+
+# What each rule class renders to, found by its exact class (isinstance against the abstract
+# Rule class costs more than the rest of rendering a line).
+_RENDERERS: dict[type, Callable[[int, Any, RouterInterfaces, str], list[Fragment]]] = {
+    FirewallIngressRule: lambda rule_id, rule, ifs, action: _ingress(rule_id, rule),
+    FirewallEgressRule: lambda rule_id, rule, ifs, action: _egress(rule_id, rule, action),
+    PortForwardRule: lambda rule_id, rule, ifs, action: _port_forward(rule_id, rule),
+    StaticNatRule: lambda rule_id, rule, ifs, action: _static_nat(rule_id, rule, ifs),
+    LoadBalancerRule: lambda rule_id, rule, ifs, action: _load_balancer(rule_id, rule),
+    RemoteAccessVpn: lambda rule_id, rule, ifs, action: _vpn(rule_id, rule, ifs),
+}
 
 
 def render_ruleset(bundle: RouterBundle, ifs: RouterInterfaces | None = None) -> Ruleset:
