@@ -132,30 +132,30 @@ def test_full_ruleset_golden_lines() -> None:
     ]
     expected = [
         # firewall-ingress (rule 4): one line per source CIDR, filtered before DNAT in mangle
-        '-A SYSVM_FWI_04 -s 192.0.2.7/32 -d 203.0.113.5/32 -p tcp -m tcp --dport 22:23 -m comment --comment "rule 4" -j ACCEPT',
-        '-A SYSVM_FWI_04 -s 198.51.100.0/24 -d 203.0.113.5/32 -p tcp -m tcp --dport 22:23 -m comment --comment "rule 4" -j ACCEPT',
+        "-A SYSVM_FWI_04 -s 192.0.2.7/32 -d 203.0.113.5/32 -p tcp -m tcp --dport 22:23 -j ACCEPT",
+        "-A SYSVM_FWI_04 -s 198.51.100.0/24 -d 203.0.113.5/32 -p tcp -m tcp --dport 22:23 -j ACCEPT",
         "-A SYSVM_FW_INGRESS -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         "-A SYSVM_FW_INGRESS -j DROP",
         # port-forward (rule 6): DNAT, and its public port opened (open_firewall)
-        '-A SYSVM_DNAT_06 -d 203.0.113.5/32 -p tcp -m tcp --dport 8080 -m comment --comment "rule 6" -j DNAT --to-destination 10.1.1.10:80',
-        '-A SYSVM_FWI_06 -d 203.0.113.5/32 -p tcp -m tcp --dport 8080 -m comment --comment "rule 6" -j ACCEPT',
+        "-A SYSVM_DNAT_06 -d 203.0.113.5/32 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.1.1.10:80",
+        "-A SYSVM_FWI_06 -d 203.0.113.5/32 -p tcp -m tcp --dport 8080 -j ACCEPT",
         # hairpin NAT: guest -> public IP -> guest leaves with the gateway as source
         "-A SYSVM_SNAT -s 10.1.1.0/24 -d 10.1.1.0/24 -o eth1 -m conntrack --ctstate DNAT -j SNAT --to-source 10.1.1.1",
         "-A SYSVM_FORWARD -i eth1 -o eth1 -j ACCEPT",
         "-A SYSVM_FORWARD -i eth2 -o eth1 -m conntrack --ctstate DNAT -j ACCEPT",
         # static NAT (rule 9): 1:1 both ways
-        '-A SYSVM_DNAT_09 -d 203.0.113.6/32 -m comment --comment "rule 9" -j DNAT --to-destination 10.1.1.20',
-        '-A SYSVM_SNAT_09 -s 10.1.1.20/32 -o eth2 -m comment --comment "rule 9" -j SNAT --to-source 203.0.113.6',
+        "-A SYSVM_DNAT_09 -d 203.0.113.6/32 -j DNAT --to-destination 10.1.1.20",
+        "-A SYSVM_SNAT_09 -s 10.1.1.20/32 -o eth2 -j SNAT --to-source 203.0.113.6",
         # source NAT (rule 8)
-        '-A SYSVM_SNAT -s 10.1.1.0/24 -o eth2 -m comment --comment "rule 8" -j SNAT --to-source 203.0.113.5',
+        "-A SYSVM_SNAT -s 10.1.1.0/24 -o eth2 -j SNAT --to-source 203.0.113.5",
         # egress (rule 3) under default deny: rules allow, the head's default drops
-        '-A SYSVM_FWE_03 -s 10.1.1.0/25 -d 198.51.100.0/24 -p udp -m multiport --dports 53 -m comment --comment "rule 3" -j ACCEPT',
+        "-A SYSVM_FWE_03 -s 10.1.1.0/25 -d 198.51.100.0/24 -p udp -m multiport --dports 53 -j ACCEPT",
         "-A SYSVM_FORWARD -i eth1 -o eth2 -j SYSVM_FW_EGRESS",
         # load balancer (rule 5): haproxy's port on the router; open_firewall is false here
-        '-A SYSVM_IN_05 -d 203.0.113.7/32 -p tcp -m tcp --dport 80 -m comment --comment "rule 5" -j ACCEPT',
+        "-A SYSVM_IN_05 -d 203.0.113.7/32 -p tcp -m tcp --dport 80 -j ACCEPT",
         # remote-access VPN (rule 7)
-        '-A SYSVM_FWI_07 -d 203.0.113.5/32 -p udp -m policy --dir in --pol ipsec -m multiport --dports 1701 -m comment --comment "rule 7" -j ACCEPT',
-        '-A SYSVM_FWD_07 -i ppp+ -o eth1 -m iprange --src-range 10.1.2.2-10.1.2.8 -m comment --comment "rule 7" -j ACCEPT',
+        "-A SYSVM_FWI_07 -d 203.0.113.5/32 -p udp -m policy --dir in --pol ipsec -m multiport --dports 1701 -j ACCEPT",
+        "-A SYSVM_FWD_07 -i ppp+ -o eth1 -m iprange --src-range 10.1.2.2-10.1.2.8 -j ACCEPT",
     ]
     lines = set(text.splitlines())
     for line in expected:
@@ -192,18 +192,10 @@ def test_icmp_rules_and_egress_under_default_allow() -> None:
             ]
         )
     )
-    assert (
-        '-A SYSVM_FWI_01 -d 203.0.113.6/32 -p icmp -m icmp --icmp-type 8 -m comment --comment "rule 1" -j ACCEPT'
-        in text
-    )
+    assert "-A SYSVM_FWI_01 -d 203.0.113.6/32 -p icmp -m icmp --icmp-type 8 -j ACCEPT" in text
     assert "--icmp-type 3/4 " in text
-    assert (
-        '-A SYSVM_FWI_03 -d 203.0.113.6/32 -p icmp -m comment --comment "rule 3" -j ACCEPT' in text
-    )
-    assert (
-        '-A SYSVM_FWE_04 -s 10.1.1.0/24 -p tcp -m tcp --dport 25 -m comment --comment "rule 4" -j DROP'
-        in text
-    )
+    assert "-A SYSVM_FWI_03 -d 203.0.113.6/32 -p icmp -j ACCEPT" in text
+    assert "-A SYSVM_FWE_04 -s 10.1.1.0/24 -p tcp -m tcp --dport 25 -j DROP" in text
     assert chain_lines(text, "SYSVM_FW_EGRESS")[-1] == "-A SYSVM_FW_EGRESS -j ACCEPT"
     assert "-A SYSVM_INPUT -p icmp -j ACCEPT" in text
 

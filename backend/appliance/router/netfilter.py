@@ -18,8 +18,13 @@ Packets, in CloudStack's manner:
 - Source NAT is the last SNAT line, after static NAT's per-VM SNAT.
 - INPUT's first line always admits SSH on 3922 from `control_sources` on the control NIC.
 
-Every line is written exactly as `iptables-save` prints it (option order, /32 suffixes, quoted
-comments), so the live digest of a router can be compared with the one its bundle predicts.
+Every line is written exactly as `iptables-save` prints it (option order, /32 suffixes), so the
+live digest of a router can be compared with the one its bundle predicts.
+
+Lines carry no `-m comment` naming their rule: the comment match, parsed and checked per line,
+doubled the time iptables-restore takes to load 10,000 rules (66 -> 129 ms) and cost reading
+them back a third more. A line's rule is found by its bucket chain (its id modulo 64) and its
+fields; `sysvm router show` lists the rules with their ids.
 """
 
 from __future__ import annotations
@@ -153,7 +158,6 @@ def spec(
     o: str | None = None,
     p: str | None = None,
     matches: Iterable[str] = (),
-    rule_id: int | None = None,
     target: str,
 ) -> str:
     """A rule's options in the order iptables-save prints them."""
@@ -169,8 +173,6 @@ def spec(
     if p is not None:
         parts += ["-p", p]
     parts.extend(matches)
-    if rule_id is not None:
-        parts.append(f'-m comment --comment "rule {rule_id}"')
     parts += ["-j", target]
     return " ".join(parts)
 
@@ -204,44 +206,41 @@ def _proto_match(protocol: str, ports: PortRange | None, icmp: IcmpMatch | None)
 Fragment = tuple[Section, str]
 
 
-def _ingress(rule_id: int, rule: FirewallIngressRule) -> list[Fragment]:
+def _ingress(rule: FirewallIngressRule) -> list[Fragment]:
     proto = None if rule.protocol is Protocol.ALL else rule.protocol.value
     matches = _proto_match(rule.protocol.value, rule.ports, rule.icmp)
     return [
         (
             FW_INGRESS,
-            spec(
-                s=src, d=rule.public_ip, p=proto, matches=matches, rule_id=rule_id, target="ACCEPT"
-            ),
+            spec(s=src, d=rule.public_ip, p=proto, matches=matches, target="ACCEPT"),
         )
         for src in rule.source_cidrs
     ]
 
 
-def _egress(rule_id: int, rule: FirewallEgressRule, action: str) -> list[Fragment]:
+def _egress(rule: FirewallEgressRule, action: str) -> list[Fragment]:
     proto = None if rule.protocol is Protocol.ALL else rule.protocol.value
     matches = _proto_match(rule.protocol.value, rule.ports, rule.icmp)
     return [
-        (FW_EGRESS, spec(s=src, d=dst, p=proto, matches=matches, rule_id=rule_id, target=action))
+        (FW_EGRESS, spec(s=src, d=dst, p=proto, matches=matches, target=action))
         for src in rule.source_cidrs
         for dst in rule.dest_cidrs
     ]
 
 
-def _open_port(section: Section, rule_id: int, ip: str, protocol: str, ports: str) -> Fragment:
+def _open_port(section: Section, ip: str, protocol: str, ports: str) -> Fragment:
     return (
         section,
         spec(
             d=ip,
             p=protocol,
             matches=[_port_match(protocol, ports)],
-            rule_id=rule_id,
             target="ACCEPT",
         ),
     )
 
 
-def _port_forward(rule_id: int, rule: PortForwardRule) -> list[Fragment]:
+def _port_forward(rule: PortForwardRule) -> list[Fragment]:
     proto = rule.protocol.value
     private = rule.private_ports
     to_port = (
@@ -254,58 +253,51 @@ def _port_forward(rule_id: int, rule: PortForwardRule) -> list[Fragment]:
                 d=rule.public_ip,
                 p=proto,
                 matches=[_port_match(proto, rule.public_ports.iptables())],
-                rule_id=rule_id,
                 target=f"DNAT --to-destination {rule.private_ip}:{to_port}",
             ),
         )
     ]
     if rule.open_firewall:
-        out.append(
-            _open_port(FW_INGRESS, rule_id, rule.public_ip, proto, rule.public_ports.iptables())
-        )
+        out.append(_open_port(FW_INGRESS, rule.public_ip, proto, rule.public_ports.iptables()))
     return out
 
 
-def _static_nat(rule_id: int, rule: StaticNatRule, ifs: RouterInterfaces) -> list[Fragment]:
+def _static_nat(rule: StaticNatRule, ifs: RouterInterfaces) -> list[Fragment]:
     return [
         (
             DNAT,
-            spec(
-                d=rule.public_ip, rule_id=rule_id, target=f"DNAT --to-destination {rule.private_ip}"
-            ),
+            spec(d=rule.public_ip, target=f"DNAT --to-destination {rule.private_ip}"),
         ),
         (
             SNAT,
             spec(
                 s=rule.private_ip,
                 o=ifs.public,
-                rule_id=rule_id,
                 target=f"SNAT --to-source {rule.public_ip}",
             ),
         ),
     ]
 
 
-def _load_balancer(rule_id: int, rule: LoadBalancerRule) -> list[Fragment]:
+def _load_balancer(rule: LoadBalancerRule) -> list[Fragment]:
     port = str(rule.public_port)
-    out = [_open_port(INPUT, rule_id, rule.public_ip, "tcp", port)]
+    out = [_open_port(INPUT, rule.public_ip, "tcp", port)]
     if rule.open_firewall:
-        out.append(_open_port(FW_INGRESS, rule_id, rule.public_ip, "tcp", port))
+        out.append(_open_port(FW_INGRESS, rule.public_ip, "tcp", port))
     return out
 
 
-def _vpn(rule_id: int, rule: RemoteAccessVpn, ifs: RouterInterfaces) -> list[Fragment]:
+def _vpn(rule: RemoteAccessVpn, ifs: RouterInterfaces) -> list[Fragment]:
     ip = rule.public_ip
     ike = [
-        spec(d=ip, p="udp", matches=[_port_match("udp", "500")], rule_id=rule_id, target="ACCEPT"),
-        spec(d=ip, p="udp", matches=[_port_match("udp", "4500")], rule_id=rule_id, target="ACCEPT"),
-        spec(d=ip, p="esp", rule_id=rule_id, target="ACCEPT"),
+        spec(d=ip, p="udp", matches=[_port_match("udp", "500")], target="ACCEPT"),
+        spec(d=ip, p="udp", matches=[_port_match("udp", "4500")], target="ACCEPT"),
+        spec(d=ip, p="esp", target="ACCEPT"),
         # L2TP is accepted only when it arrived inside IPsec.
         spec(
             d=ip,
             p="udp",
             matches=["-m policy --dir in --pol ipsec", _port_match("udp", "1701")],
-            rule_id=rule_id,
             target="ACCEPT",
         ),
     ]
@@ -313,8 +305,8 @@ def _vpn(rule_id: int, rule: RemoteAccessVpn, ifs: RouterInterfaces) -> list[Fra
     return [
         *((FW_INGRESS, line) for line in ike),
         *((INPUT, line) for line in ike),
-        (INPUT, spec(i="ppp+", matches=[clients], rule_id=rule_id, target="ACCEPT")),
-        (FORWARD, spec(i="ppp+", o=ifs.guest, matches=[clients], rule_id=rule_id, target="ACCEPT")),
+        (INPUT, spec(i="ppp+", matches=[clients], target="ACCEPT")),
+        (FORWARD, spec(i="ppp+", o=ifs.guest, matches=[clients], target="ACCEPT")),
     ]
 
 
@@ -330,25 +322,25 @@ def rule_lines(
     k = rule_id % BUCKETS
     return tuple(
         (chain, f"-A {chain} {line_spec}")
-        for section, line_spec in render(rule_id, rule, ifs, egress_action)
+        for section, line_spec in render(rule, ifs, egress_action)
         for chain in (section.buckets[k],)
     )
 
 
-def _nothing(rule_id: int, rule: Rule, ifs: RouterInterfaces, action: str) -> list[Fragment]:
+def _nothing(rule: Rule, ifs: RouterInterfaces, action: str) -> list[Fragment]:
     # Source NAT is a line of the SNAT head chain; DHCP and DNS entries live in dnsmasq.
     return []
 
 
 # What each rule class renders to, found by its exact class (isinstance against the abstract
 # Rule class costs more than the rest of rendering a line).
-_RENDERERS: dict[type, Callable[[int, Any, RouterInterfaces, str], list[Fragment]]] = {
-    FirewallIngressRule: lambda rule_id, rule, ifs, action: _ingress(rule_id, rule),
-    FirewallEgressRule: lambda rule_id, rule, ifs, action: _egress(rule_id, rule, action),
-    PortForwardRule: lambda rule_id, rule, ifs, action: _port_forward(rule_id, rule),
-    StaticNatRule: lambda rule_id, rule, ifs, action: _static_nat(rule_id, rule, ifs),
-    LoadBalancerRule: lambda rule_id, rule, ifs, action: _load_balancer(rule_id, rule),
-    RemoteAccessVpn: lambda rule_id, rule, ifs, action: _vpn(rule_id, rule, ifs),
+_RENDERERS: dict[type, Callable[[Any, RouterInterfaces, str], list[Fragment]]] = {
+    FirewallIngressRule: lambda rule, ifs, action: _ingress(rule),
+    FirewallEgressRule: lambda rule, ifs, action: _egress(rule, action),
+    PortForwardRule: lambda rule, ifs, action: _port_forward(rule),
+    StaticNatRule: lambda rule, ifs, action: _static_nat(rule, ifs),
+    LoadBalancerRule: lambda rule, ifs, action: _load_balancer(rule),
+    RemoteAccessVpn: lambda rule, ifs, action: _vpn(rule, ifs),
 }
 
 
@@ -435,8 +427,8 @@ def _put_heads(
     """Set each section's head chain: its fixed lines around jumps to its bucket chains."""
     net = bundle.network
     source_nat = [
-        spec(s=net.cidr, o=ifs.public, rule_id=rid, target=f"SNAT --to-source {snat.public_ip}")
-        for rid, snat in bundle.rules_of(SourceNatRule)
+        spec(s=net.cidr, o=ifs.public, target=f"SNAT --to-source {snat.public_ip}")
+        for _rule_id, snat in bundle.rules_of(SourceNatRule)
     ]
     established = "-m conntrack --ctstate RELATED,ESTABLISHED"
     invalid = "-m conntrack --ctstate INVALID"
