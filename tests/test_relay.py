@@ -76,3 +76,9 @@ def test_the_relay_imports_no_module_that_triples_its_start() -> None:
     added = modules(as_file + listing) - modules("import sys; " + listing)
     assert "backend.appliance.service_socket" in added  # the probe did load the relay
     assert not added & {"json", "socket", "threading", "re", "enum", "typing", "runpy"}, added
+
+
+def test_an_answer_holding_a_lone_surrogate_is_still_framed_and_printed() -> None:
+    done = _relay_prints(framed_answer(2, "ok\n", "bad \udcff byte\n"))
+    assert done.returncode == 2 and done.stdout == b"ok\n"
+    assert done.stderr == b"bad \\udcff byte\n"

@@ -13,5 +13,9 @@ ANSWER_FRAME = b"SYSVM-ANSWER"
 
 
 def framed_answer(status: int, stdout: str, stderr: str) -> bytes:
-    out, err = stdout.encode(), stderr.encode()
+    # backslashreplace: a lone surrogate (from an undecodable byte) must not cost the answer.
+    out, err = (
+        stdout.encode("utf-8", "backslashreplace"),
+        stderr.encode("utf-8", "backslashreplace"),
+    )
     return b"%s %d %d %d\n" % (ANSWER_FRAME, status, len(out), len(err)) + out + err
