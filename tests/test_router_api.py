@@ -7,7 +7,9 @@ import json
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from backend.db.models import RouterRule
 from backend.engine.core import Engine
 from backend.errors import InvalidInput, NotFound
 from tests.conftest import converge_lab, run_cli
@@ -194,6 +196,52 @@ async def test_a_second_apply_sends_a_patch_and_an_engine_without_the_base_sends
     assert third["input"] == "bundle" and third["version"] == 3
     checked = await net_engine.router_check("zone1-net1")
     assert checked["drift"] is False and checked["live_version"] == 3
+
+
+async def test_a_bundle_built_from_the_changed_rows_only_is_the_bundle_built_whole(
+    net_engine: Engine,
+) -> None:
+    """The engine builds a network's next bundle from its last one by parsing only the rule rows
+    that changed (added, replaced, deleted): the result is exactly the bundle built from every
+    row, and a refused row still fails the build naming its field."""
+    routers = net_engine.routers
+
+    async def desired() -> Any:
+        async with net_engine.db.read() as s:
+            net = await routers._network(s, "zone1-net1")
+            return await routers.desired_bundle(s, net, net.router_version + 1)
+
+    async def same_as_whole() -> None:
+        incremental = await desired()
+        assert incremental.change is not None, "made from the changed rows"
+        routers._built.clear()
+        whole = await desired()
+        assert whole.change is None
+        assert incremental.to_json() == whole.to_json()
+        assert incremental.digest == whole.digest
+
+    first = await net_engine.router_rule_add("zone1-net1", "port-forward", PF)
+    await desired()
+    await net_engine.router_rule_add("zone1-net1", "port-forward", {**PF, "public_port": 8081})
+    ingress = {"public_ip": PF["public_ip"], "protocol": "udp", "start_port": 53}
+    await net_engine.router_rule_add("zone1-net1", "firewall-ingress", ingress)
+    await same_as_whole()
+    await net_engine.router_rule_replace(
+        "zone1-net1", first["id"], "port-forward", PF | {"private_port": 8000}
+    )
+    await same_as_whole()
+    await net_engine.router_rule_delete("zone1-net1", first["id"])
+    await same_as_whole()
+
+    # A row made invalid behind the engine's back (edited in the database) fails the build.
+    async def corrupt(s: Any) -> None:
+        row = (await s.scalars(select(RouterRule).where(RouterRule.type == "port-forward"))).one()
+        row.fields = {**row.fields, "private_ip": "192.0.2.10"}
+
+    await net_engine.db.write(corrupt)
+    with pytest.raises(InvalidInput) as err:
+        await desired()
+    assert err.value.field.endswith("fields.private_ip"), err.value.field
 
 
 async def test_nothing_changed_means_nothing_pending(net_engine: Engine) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Text, select, type_coerce
@@ -64,6 +65,36 @@ def _built_with_digest(build: Callable[[], RouterBundle]) -> RouterBundle:
     return bundle
 
 
+@dataclass(frozen=True)
+class _Built:
+    """A network's last built bundle, with what it was built from: the bundle's text without
+    its rules and version (`frame`), and each rule row's (type, fields JSON text) by id."""
+
+    bundle: RouterBundle
+    frame: str
+    rows: dict[int, tuple[str, str]]
+
+
+def _with_changed_rows(
+    built: _Built, rows: dict[int, tuple[str, str]], version: int
+) -> RouterBundle | None:
+    """The bundle of `rows` made from `built.bundle` by parsing and checking only the rows that
+    differ from the ones it was built from (as a router applies a patch), or None to build it
+    whole: many rows changed, or one is refused (the whole build names it in place). A one-rule
+    change of a 10,000-rule network: ~10 ms instead of ~130 (reading, encoding and parsing all)."""
+    drop = {i for i in built.rows if i not in rows}
+    changed = [(i, row) for i, row in rows.items() if built.rows.get(i) != row]
+    if len(drop) + len(changed) > max(16, len(rows) // 4):
+        return None
+    try:
+        put = [{"id": i, "type": t, "fields": json.loads(f)} for i, (t, f) in changed]
+        bundle = RouterBundle.with_rules_changed(built.bundle, version, drop, put)
+    except (InvalidInput, ValueError):
+        return None
+    _ = bundle.digest
+    return bundle
+
+
 class RouterNotReady(SysvmError):
     """The network's router is not Running (or its agent does not answer)."""
 
@@ -71,9 +102,9 @@ class RouterNotReady(SysvmError):
 class RouterService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # The last bundle built per network id: the `previous` of the next build, so unchanged
-        # rules are not validated again (the result is the same without it).
-        self._built: OrderedDict[int, RouterBundle] = OrderedDict()
+        # The last bundle built per network id, with the rows it was built from: the next build
+        # parses only the rows that changed (the result is the same without it).
+        self._built: OrderedDict[int, _Built] = OrderedDict()
         # The last bundle applied per network id: what the router runs, so the next apply can
         # send a patch of it instead of the whole bundle.
         self._applied: OrderedDict[int, RouterBundle] = OrderedDict()
@@ -191,31 +222,44 @@ class RouterService:
                 )
                 or ""
             )
-        previous = self._built.get(net.id)
-        if previous is None and net.router_bundle:
-            previous = await asyncio.to_thread(RouterBundle.from_json, net.router_bundle)
-        text = functools.partial(
-            bundle_text,
-            version=version,
-            network=BundleNetwork(name=net.name, cidr=net.cidr, gateway=net.gateway, vlan=net.vlan),
-            addresses=RouterAddresses(
+        parts: dict[str, Any] = {
+            "network": BundleNetwork(
+                name=net.name, cidr=net.cidr, gateway=net.gateway, vlan=net.vlan
+            ),
+            "addresses": RouterAddresses(
                 control_ip=control or "169.254.0.1",
                 guest_ip=net.gateway,
                 public_ips=tuple(ip for ip in (net.source_nat_ip,) if ip),
             ),
-            rules=[(r[0], r[1], r[2] or "{}") for r in rows],
-            vpn_users=[{"username": u.username, "password": u.password} for u in users],
-            default_egress_policy=net.default_egress,
+            "vpn_users": [{"username": u.username, "password": u.password} for u in users],
+            "default_egress_policy": net.default_egress,
             **({"control_sources": control_sources} if control_sources else {}),
-        )
+        }
+        stored = {r[0]: (r[1], r[2] or "{}") for r in rows}
+        frame = bundle_text(version=0, rules=(), **parts)
+        built = self._built.get(net.id)
+        bundle: RouterBundle | None = None
+        if built is not None and built.frame == frame:
+            # Everything but the rules as last built: only the rows that changed are parsed.
+            bundle = await asyncio.to_thread(_with_changed_rows, built, stored, version)
+        if bundle is None:
+            previous = built.bundle if built is not None else None
+            if previous is None and net.router_bundle:
+                previous = await asyncio.to_thread(RouterBundle.from_json, net.router_bundle)
+            text = functools.partial(
+                bundle_text,
+                version=version,
+                rules=[(i, t, f) for i, (t, f) in stored.items()],
+                **parts,
+            )
 
-        def build() -> RouterBundle:
-            return RouterBundle.from_json(text(), previous)
+            def build() -> RouterBundle:
+                return RouterBundle.from_json(text(), previous)
 
-        # Validating 10,000 rules takes ~1 s cold, ~0.15 s with `previous`: not on the loop, and
-        # neither is the digest (it computes each new rule's JSON, which to_json then reuses).
-        bundle = await asyncio.to_thread(_built_with_digest, build)
-        self._built[net.id] = bundle
+            # Validating 10,000 rules takes ~1 s cold, ~0.15 s with `previous`: not on the loop,
+            # nor is the digest (it computes each new rule's JSON, which to_json then reuses).
+            bundle = await asyncio.to_thread(_built_with_digest, build)
+        self._built[net.id] = _Built(bundle, frame, stored)
         self._built.move_to_end(net.id)
         while len(self._built) > BUILT_KEPT:
             self._built.popitem(last=False)
