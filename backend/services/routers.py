@@ -28,7 +28,7 @@ from backend.router.bundle import (
     bundle_patch,
     bundle_text,
 )
-from backend.router.rules import NetworkContext, Rule, parse_rule, parse_rule_alone
+from backend.router.rules import NetworkContext, Rule, parse_rule
 
 if TYPE_CHECKING:
     from backend.engine.core import Engine
@@ -40,22 +40,14 @@ CONFIRM_MARGIN = 2.0
 """Seconds before a confirm window closes after which the engine stops trying to confirm."""
 
 
-def _context(net: GuestNetwork, rows: list[RouterRule], users: list[VpnUser]) -> NetworkContext:
-    base = NetworkContext(
-        cidr=net.cidr,
-        gateway=net.gateway,
-        public_ips=frozenset({net.source_nat_ip} - {""}),
-        source_nat_ip=net.source_nat_ip,
-        vpn_usernames=frozenset(u.username for u in users),
-    )
-    parsed: dict[int, Rule] = {r.id: parse_rule_alone(r.type, r.fields, base) for r in rows}
+def _context_of(net: GuestNetwork, rules: dict[int, Rule], users: list[VpnUser]) -> NetworkContext:
     return NetworkContext(
         cidr=net.cidr,
         gateway=net.gateway,
-        public_ips=base.public_ips,
-        rules=parsed,
+        public_ips=frozenset({net.source_nat_ip} - {""}),
+        rules=rules,
         source_nat_ip=net.source_nat_ip,
-        vpn_usernames=base.vpn_usernames,
+        vpn_usernames=frozenset(u.username for u in users),
     )
 
 
@@ -128,6 +120,18 @@ class RouterService:
         users = list((await s.scalars(select(VpnUser).where(VpnUser.network_id == net_id))).all())
         return rules, users
 
+    async def _rule_context(
+        self, s: AsyncSession, net: GuestNetwork, without: int | None = None
+    ) -> NetworkContext:
+        """What a new or changed rule is checked against: the network's rules (but `without`),
+        taken from its desired bundle, which is made from the rows changed since the last one
+        (`desired_bundle`): a rule added to 10,000 is not checked after decoding and parsing
+        all of them again. Read in the caller's transaction, so no other change slips between."""
+        users = list((await s.scalars(select(VpnUser).where(VpnUser.network_id == net.id))).all())
+        bundle = await self.desired_bundle(s, net, net.router_version + 1)
+        rules = {r.id: r.rule for r in bundle.rules if r.id != without}
+        return _context_of(net, rules, users)
+
     async def add_rule(self, network: str, rule_type: str, fields: object) -> dict[str, Any]:
         """Validate and store one rule; nothing is stored when any field is wrong."""
         if not isinstance(fields, dict):
@@ -135,8 +139,7 @@ class RouterService:
 
         async def work(s: AsyncSession) -> tuple[int, dict[str, Any], int]:
             net = await self._network(s, network)
-            rows, users = await self._rows(s, net.id)
-            rule = parse_rule(rule_type, fields, _context(net, rows, users))
+            rule = parse_rule(rule_type, fields, await self._rule_context(s, net))
             row = RouterRule(network_id=net.id, type=rule_type, fields=rule.to_fields())
             s.add(row)
             await s.flush()
@@ -158,12 +161,11 @@ class RouterService:
 
         async def work(s: AsyncSession) -> tuple[dict[str, Any], int]:
             net = await self._network(s, network)
-            rows, users = await self._rows(s, net.id)
-            row = next((r for r in rows if r.id == rule_id), None)
-            if row is None:
+            row = await s.get(RouterRule, rule_id)
+            if row is None or row.network_id != net.id:
                 raise NotFound(f"network {network} has no rule {rule_id}")
-            others = [r for r in rows if r.id != rule_id]
-            rule = parse_rule(rule_type, fields, _context(net, others, users))
+            context = await self._rule_context(s, net, without=rule_id)
+            rule = parse_rule(rule_type, fields, context)
             row.type = rule_type
             row.fields = rule.to_fields()
             return row.fields, net.id
