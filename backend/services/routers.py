@@ -28,7 +28,7 @@ from backend.router.bundle import (
     bundle_patch,
     bundle_text,
 )
-from backend.router.rules import NetworkContext, Rule, parse_rule
+from backend.router.rules import NetworkContext, parse_rule
 
 if TYPE_CHECKING:
     from backend.engine.core import Engine
@@ -38,17 +38,6 @@ BUILT_KEPT = 64
 """Networks whose last built bundle is kept in memory (see `RouterService._built`)."""
 CONFIRM_MARGIN = 2.0
 """Seconds before a confirm window closes after which the engine stops trying to confirm."""
-
-
-def _context_of(net: GuestNetwork, rules: dict[int, Rule], users: list[VpnUser]) -> NetworkContext:
-    return NetworkContext(
-        cidr=net.cidr,
-        gateway=net.gateway,
-        public_ips=frozenset({net.source_nat_ip} - {""}),
-        rules=rules,
-        source_nat_ip=net.source_nat_ip,
-        vpn_usernames=frozenset(u.username for u in users),
-    )
 
 
 def _built_with_digest(build: Callable[[], RouterBundle]) -> RouterBundle:
@@ -127,10 +116,15 @@ class RouterService:
         taken from its desired bundle, which is made from the rows changed since the last one
         (`desired_bundle`): a rule added to 10,000 is not checked after decoding and parsing
         all of them again. Read in the caller's transaction, so no other change slips between."""
-        users = list((await s.scalars(select(VpnUser).where(VpnUser.network_id == net.id))).all())
         bundle = await self.desired_bundle(s, net, net.router_version + 1)
-        rules = {r.id: r.rule for r in bundle.rules if r.id != without}
-        return _context_of(net, rules, users)
+        return NetworkContext(
+            cidr=net.cidr,
+            gateway=net.gateway,
+            public_ips=frozenset({net.source_nat_ip} - {""}),
+            rules={r.id: r.rule for r in bundle.rules if r.id != without},
+            source_nat_ip=net.source_nat_ip,
+            vpn_usernames=frozenset(u.username for u in bundle.vpn_users),
+        )
 
     async def add_rule(self, network: str, rule_type: str, fields: object) -> dict[str, Any]:
         """Validate and store one rule; nothing is stored when any field is wrong."""

@@ -445,7 +445,7 @@ class RouterApplier:
                     # The tables were not the previous bundle's: load the complete ruleset.
                     method = "full (delta found drift)"
                     full_change = TablesChange(
-                        rendered.iptables, test=False, undo=self._undo_text(live, early_undo)
+                        rendered.iptables, test=False, undo=self._undo_text(live)
                     )
                     self._install(rendered, live, full_change, watch)
                     saved = self._measure(rendered)
