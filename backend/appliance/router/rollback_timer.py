@@ -1,6 +1,6 @@
 """The commit-confirmed rollback timer: a detached process, armed before new rules go live.
 
-`TimerLaunch` starts `python -m backend.appliance.router.rollback_timer` in a new session, early
+`TimerLaunch` starts `python -S .../rollback_timer_process.py` in a new session, early
 (its interpreter starts while the bundle is parsed and rendered); the process forks once more (so
 it is nobody's child and never a zombie), reports its pid, and waits for one line on stdin.
 `activate` sends the version and deadline and closes the pipe: from then on the timer holds no
@@ -9,12 +9,12 @@ deadline, takes the router's lock and, unless the window was confirmed (a confir
 its version) or superseded (another token in pending.json), rolls back to the last confirmed
 snapshot. `cancel` (end of file instead of a line) makes it exit. The session, or the whole
 appliance command host, may die after activation and the rollback still happens, which
-Debian's `iptables-apply` does not do. Standard library only, so it starts fast.
+Debian's `iptables-apply` does not do. The process imports next to nothing until its deadline
+passes, so it starts fast (see `rollback_timer_process`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import secrets
@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from backend.appliance.router.rollback import roll_back
 from backend.appliance.router.site import RouterSite
 from backend.appliance.router.state_dir import PendingConfirm, RouterStateDir
 
-MODULE = "backend.appliance.router.rollback_timer"
+PROCESS_FILE = str(Path(__file__).with_name("rollback_timer_process.py"))
 START_TIMEOUT = 10.0
 # The directory holding the `backend` package, for the timer's interpreter to import it from.
 _IMPORT_ROOT = str(Path(__file__).resolve().parents[3])
@@ -48,8 +47,7 @@ class TimerLaunch:
         argv = [
             sys.executable,
             "-S",  # no site-packages: the timer needs the standard library and our package only
-            "-m",
-            MODULE,
+            PROCESS_FILE,
             *site.argv(),
             "--token",
             self.token,
@@ -151,57 +149,3 @@ def disarm(pending: PendingConfirm) -> None:
     if pending.token.encode() in cmdline:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pending.pid, signal.SIGTERM)
-
-
-def _run(site: RouterSite, token: str, version: int, deadline: float, timeout: float) -> None:
-    state = RouterStateDir(site.root)
-    while (left := deadline - time.time()) > 0:
-        time.sleep(left)
-    if not state.applier_dir.is_dir():
-        return  # the router's state is gone (a lab torn down): nothing to roll back
-    with state.lock():
-        pending = state.read_pending()
-        if pending is None or pending.token != token or state.is_confirmed(version):
-            return
-        record = roll_back(
-            site,
-            state,
-            by="timer",
-            reason=f"version {version} was not confirmed within {timeout:g}s",
-        )
-    print(
-        f"{time.strftime('%Y-%m-%dT%H:%M:%S')} rolled back from {record.from_version} to "
-        f"{record.to_version}: {'ok' if record.ok else record.error}",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=MODULE)
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--netns")
-    parser.add_argument("--iptables", default="iptables")
-    parser.add_argument("--services", action="store_true")
-    parser.add_argument("--token", required=True)
-    args = parser.parse_args(argv)
-    site = RouterSite(Path(args.root), args.netns, args.iptables, args.services)
-    if os.fork() > 0:
-        os._exit(0)  # the launcher reaps this first child at once; the timer lives on, detached
-    try:
-        os.write(1, f"{os.getpid()}\n".encode())
-    except OSError:
-        return  # the launcher went away before arming: there is nothing to guard
-    line = sys.stdin.readline()  # "VERSION DEADLINE TIMEOUT", or end of file: not needed
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):  # drop both pipes: the timer keeps no stdio of the session that armed it
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    if not line.strip():
-        return
-    version, deadline, timeout = line.split()
-    _run(site, args.token, int(version), float(deadline), float(timeout))
-
-
-if __name__ == "__main__":
-    main()
