@@ -345,6 +345,11 @@ async def main() -> None:
     parser.add_argument("--routers", type=int, default=ROUTERS)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
+        "--share-cpus",
+        action="store_true",
+        help="concurrent: let the lab's routers use every CPU (default: the last one only)",
+    )
+    parser.add_argument(
         "--only",
         default="legacy,nft,engine,concurrent",
         help="comma-separated parts to run: legacy, nft (the two iptables variants over SSH), "
@@ -379,7 +384,9 @@ async def main() -> None:
         if "engine" in parts:
             out["figures"]["netns_lab_engine"] = await netns_lab_router(args.rules, args.rounds)
     if "concurrent" in parts:
-        out["figures"]["concurrent_routers"] = await many_routers(args.routers)
+        out["figures"]["concurrent_routers"] = await many_routers(
+            args.routers, share_cpus=args.share_cpus
+        )
     out["target"] = {
         "full_apply_s": 0.5,
         "one_rule_change_s": 0.1,

@@ -4,6 +4,12 @@ engine's event loop is sampled for stalls (how late a 1 ms sleep wakes).
 Prints one JSON object: wall time until every apply is confirmed, and the loop's stall figures
 while busy and, as the baseline of the same run, while idle. `bench_router_apply.py` includes
 this run; alone: `python bench/bench_router_concurrent.py [--routers N]`.
+
+The 100 routers are played by the lab's guest host process (and the processes it starts, such
+as each apply's rollback timer) on this same machine; real routers run on other hosts. So, by
+default, the guest host is kept to the machine's last CPU (the engine may use every CPU), and
+what is measured is the engine, not its routers taking its CPU. `--share-cpus` lets the routers
+run on every CPU too.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -31,9 +38,42 @@ from bench.loop_lag import LoopLag  # noqa: E402
 ROUTERS = 100
 
 
-async def many_routers(count: int, *, trace_over_ms: float | None = None) -> dict[str, Any]:
+def _guest_hosts() -> list[int]:
+    """Pids of the lab guest host processes this process started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and b"backend.lab.guest_host" in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def keep_routers_to_the_last_cpu() -> int | None:
+    """Keep every thread of the lab's guest host (and so what it starts later) on the last CPU;
+    returns that CPU, or None on a machine with one CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    hosts = _guest_hosts()
+    assert hosts, "no lab guest host process found"
+    for pid in hosts:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {cpus[-1]})
+    return cpus[-1]
+
+
+async def many_routers(
+    count: int, *, trace_over_ms: float | None = None, share_cpus: bool = False
+) -> dict[str, Any]:
     """`count` routers of one engine apply at once; the engine's loop is sampled meanwhile.
-    With `trace_over_ms`, the loop thread's stack during longer stalls is printed to stderr."""
+    With `trace_over_ms`, the loop thread's stack during longer stalls is printed to stderr.
+    Unless `share_cpus`, the lab's routers are kept to the last CPU (see the module's doc)."""
     home = Path(tempfile.mkdtemp(prefix="sysvm-bench-"))
     zones = (count + 1) // 2
     engine = Engine(load_config(home=home, env={"SYSVM_HOME": str(home)}))
@@ -56,6 +96,7 @@ async def many_routers(count: int, *, trace_over_ms: float | None = None) -> dic
                     "source_cidrs": ["0.0.0.0/0"],
                 },
             )
+        routers_cpu = None if share_cpus else keep_routers_to_the_last_cpu()
         with LoopLag() as idle:
             await asyncio.sleep(2)
         start = time.perf_counter()
@@ -70,6 +111,7 @@ async def many_routers(count: int, *, trace_over_ms: float | None = None) -> dic
         assert not failed, failed[:3]
         return {
             "routers": len(networks),
+            "routers_cpu": "shared" if routers_cpu is None else routers_cpu,
             "wall_s": round(wall, 2),
             "loop_stall": busy.summary(),
             "idle_loop_stall": idle.summary(),
@@ -88,8 +130,15 @@ async def main() -> None:
         metavar="MS",
         help="print to stderr where the loop was while it stalled longer than MS",
     )
+    parser.add_argument(
+        "--share-cpus",
+        action="store_true",
+        help="let the lab's routers run on every CPU, the engine's too (default: the last one)",
+    )
     args = parser.parse_args()
-    figures = await many_routers(args.routers, trace_over_ms=args.trace_stalls)
+    figures = await many_routers(
+        args.routers, trace_over_ms=args.trace_stalls, share_cpus=args.share_cpus
+    )
     out = {"name": "router_concurrent", "figures": figures}
     out["target"] = {"loop_stall_max_ms": 10}
     print(json.dumps(out))

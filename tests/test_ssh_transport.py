@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
+import signal
 import stat
 import string
-import threading
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,7 @@ import pytest
 
 from backend.appliance.endpoint import ApplianceEndpoints, CommandContext
 from backend.errors import HostKeyMismatch, TransportError, TransportTimeout
+from backend.transport import frames
 from backend.transport.ssh import (
     SystemVMTransport,
     generate_keypair,
@@ -253,34 +259,101 @@ async def test_cancelling_a_run_closes_the_remote_commands_session_and_frees_its
     assert lab.endpoints.connections_accepted(VM) == 1
 
 
-async def test_ssh_work_runs_on_the_transports_own_thread_not_the_callers(
-    lab: Lab, engine_key_path: Path
+def _tcp_peers(pid: int, port: int) -> int:
+    """How many TCP connections to 127.0.0.1:`port` the process `pid` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    held = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and remote == f"0100007F:{port:04X}" and inode in inodes:
+            held += 1
+    return held
+
+
+async def test_ssh_connections_live_in_the_transports_worker_process_not_the_callers(
+    lab: Lab,
 ) -> None:
+    """Key exchanges and encryption take CPU in bursts: in the caller's process they held the
+    interpreter lock its event loop needs (loop stalls of tens of ms with 100 routers)."""
     port = await lab.endpoints.start(VM, lab.host_private)
-    key = load_client_key(engine_key_path)
-    signed_on: list[int] = []
-    sign = key.sign
-
-    def recording_sign(data: bytes, algorithm: bytes) -> bytes:
-        signed_on.append(threading.get_ident())
-        return sign(data, algorithm)
-
-    key.sign = recording_sign  # type: ignore[method-assign]
-    transport = SystemVMTransport(key)
-    try:
-        result = await transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
-        lines = [
-            line
-            async for line in transport.stream(
-                "127.0.0.1", port, lab.host_public, "sysvm-appliance status"
-            )
-        ]
-    finally:
-        await transport.close()
+    result = await lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+    lines = [
+        line
+        async for line in lab.transport.stream(
+            "127.0.0.1", port, lab.host_public, "sysvm-appliance status"
+        )
+    ]
 
     assert result.exit_status == 0 and json.loads(lines[0])["vm"] == VM
-    assert len(signed_on) == 1  # one handshake, on a thread that is not this loop's
-    assert signed_on[0] != threading.get_ident()
+    worker = lab.transport.worker_pid
+    assert worker is not None and worker != os.getpid()
+    assert _tcp_peers(worker, port) == 1  # one connection, reused, held by the worker
+    assert _tcp_peers(os.getpid(), port) == 0
+    assert lab.endpoints.connections_accepted(VM) == 1
+
+
+async def test_a_worker_that_dies_fails_the_commands_in_flight_and_the_next_one_starts_anew(
+    lab: Lab,
+) -> None:
+    started = asyncio.Event()
+
+    async def hang(ctx: CommandContext) -> int:
+        started.set()
+        await ctx.wait_closed()
+        return 0
+
+    lab.endpoints.register("sysvm-test hang", hang)
+    port = await lab.endpoints.start(VM, lab.host_private)
+    running = asyncio.create_task(
+        lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-test hang")
+    )
+    await asyncio.wait_for(started.wait(), 5)
+    first = lab.transport.worker_pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)  # a crash of the worker, as only a real signal makes one
+
+    with pytest.raises(TransportError, match="SSH worker process exited"):
+        await asyncio.wait_for(running, 5)
+    result = await lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+    assert result.exit_status == 0
+    assert lab.transport.worker_pid not in (None, first)
+
+
+def test_the_worker_exits_when_its_engine_dies_without_closing_it(engine_key_path: Path) -> None:
+    """The engine killed (no `close()`): its end of the socket closes and the worker, holding
+    connections to system VMs, must not live on."""
+    code = f"""
+import asyncio, os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from backend.transport.ssh import SystemVMTransport, load_client_key
+from backend.transport import ssh
+async def main():
+    t = SystemVMTransport(load_client_key(ssh.Path({str(engine_key_path)!r})))
+    await t._ready()
+    print(t.worker_pid, flush=True)
+    os._exit(0)
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    pid = int(done.stdout.strip())
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), f"worker {pid} outlived its engine"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 async def test_transport_is_usable_again_after_close(lab: Lab) -> None:
@@ -303,3 +376,38 @@ async def test_drop_makes_the_next_command_dial_a_new_connection(lab: Lab) -> No
 
     assert result.exit_status == 0
     assert lab.endpoints.connections_accepted(VM) == 2
+
+
+# --------------------------------------------------------------------------- worker frames
+
+
+def _reader_of(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+async def test_frames_carry_bytes_beside_the_json_header_and_end_cleanly() -> None:
+    payload = bytes(range(256)) * 5  # not UTF-8, never inside the JSON
+    reader = _reader_of(
+        frames.encode({"op": "run", "id": 7}, payload) + frames.encode({"op": "close"})
+    )
+    assert await frames.read(reader) == ({"op": "run", "id": 7}, payload)
+    assert await frames.read(reader) == ({"op": "close"}, b"")
+    assert await frames.read(reader) is None  # end of file between frames
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (frames.encode({"op": "run"}, b"abc")[:-1], "cut inside a frame"),
+        (frames.encode({"op": "run"})[:5], "cut inside a frame's lengths"),
+        (b"\x00\x00\x00\x02\x00\x00\x00\x00[]", "without an op"),
+        (b"\x00\x00\x00\x02\x00\x00\x00\x00{x", "not JSON"),
+        (b"\x7f\x00\x00\x00\x00\x00\x00\x00", "a frame header of"),
+    ],
+)
+async def test_a_malformed_frame_is_refused_saying_why(data: bytes, why: str) -> None:
+    with pytest.raises(frames.FrameError, match=why):
+        await frames.read(_reader_of(data))

@@ -1,16 +1,24 @@
-"""The engine's SSH client to system VMs: strict host keys, one reused connection per VM."""
+"""The engine's SSH client to system VMs: strict host keys, one reused connection per VM.
+
+The connections themselves live in a worker process (`ssh_worker`), so the CPU that SSH takes
+(key exchanges, encryption) never holds the interpreter lock the engine's event loop needs.
+`SystemVMTransport` is its engine side: it starts the worker on first use, sends it requests
+and hands back results, lines and errors as if the work were done here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
+import socket
+import sys
 import tempfile
-from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncssh
 
@@ -21,36 +29,34 @@ from backend.errors import (
     TransportError,
     TransportTimeout,
 )
-from backend.transport.loop_thread import LoopThread, LoopThreadStopped
+from backend.transport import frames
+from backend.transport.results import CommandFailed, CommandResult
+
+__all__ = [
+    "CommandFailed",
+    "CommandResult",
+    "SystemVMTransport",
+    "generate_keypair",
+    "load_client_key",
+    "new_host_key",
+]
 
 log = logging.getLogger(__name__)
 
 KEY_ALGORITHM = "ssh-ed25519"
-USERNAME = "root"
-STDERR_TAIL_BYTES = 4096
 _CLOSED = "the SSH transport was closed while the command ran"
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a command on a system VM answered: exit status (negative signal number if killed) and output."""
-
-    exit_status: int
-    stdout: str
-    stderr: str
-
-
-class CommandFailed(TransportError):
-    """A streamed command exited non-zero; its stdout lines were already yielded (the last usually says why)."""
-
-    code = "command_failed"
-
-    def __init__(self, message: str, exit_status: int, stderr_tail: str) -> None:
-        super().__init__(message)
-        self.exit_status = exit_status
-        self.stderr_tail = stderr_tail
+WORKER_MODULE = "backend.transport.ssh_worker"
+START_TIMEOUT = 30.0
+"""How long the worker process may take to start (it imports asyncssh and cryptography)."""
+CANCEL_TIMEOUT = 10.0
+"""How long a cancelled request waits for the worker to say it stopped."""
+_IMPORT_ROOT = str(Path(__file__).resolve().parents[2])
+_FINAL = frozenset({"result", "end", "error", "cancelled"})
+_ERRORS: dict[str, type[TransportError] | type[HostKeyMismatch]] = {
+    "TransportError": TransportError,
+    "TransportTimeout": TransportTimeout,
+    "HostKeyMismatch": HostKeyMismatch,
+}
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -101,32 +107,182 @@ def new_host_key() -> tuple[str, str]:
     return private, public
 
 
-def _known_hosts(host_public_key: str) -> asyncssh.SSHKnownHosts:
-    """Known hosts that trust exactly one key, for whatever address the VM is reached at."""
-    try:
-        asyncssh.import_public_key(host_public_key)
-    except (asyncssh.KeyImportError, ValueError) as exc:
-        raise InvalidInput("host_public_key", f"not an OpenSSH public key: {exc}") from exc
-    return asyncssh.import_known_hosts(f"* {host_public_key.strip()}\n")
+class _Call:
+    """One request in flight: the worker's frames for it, in order."""
+
+    def __init__(self, call_id: int) -> None:
+        self.id = call_id
+        self.frames: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue()
+        self.ended = asyncio.Event()  # its last frame came (or the worker is gone)
+        self.on_more: Callable[[], None] | None = None
+
+    async def next(self) -> tuple[dict[str, Any], bytes]:
+        return await self.frames.get()
+
+    def put(self, header: dict[str, Any], payload: bytes) -> None:
+        self.frames.put_nowait((header, payload))
+        if header["op"] in _FINAL:
+            self.ended.set()
 
 
-@dataclass
-class _Connection:
-    """One live SSH connection to a system VM and the channel slots it has left."""
+class _Worker:
+    """The running worker process, the socket to it and the requests in flight."""
 
-    conn: asyncssh.SSHClientConnection
-    channels: asyncio.Semaphore
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        process: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.loop = loop
+        self.process = process
+        self._reader = reader
+        self._writer = writer
+        self.calls: dict[int, _Call] = {}
+        self._ids = itertools.count(1)
+        self.gone: str | None = None  # why it can take no more requests
+        self._tasks = [
+            loop.create_task(self._read(), name="ssh-worker-reader"),
+            loop.create_task(self._log_stderr(), name="ssh-worker-stderr"),
+        ]
+
+    @classmethod
+    async def start(cls, init: dict[str, Any], key: bytes) -> _Worker:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH")) if p)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                WORKER_MODULE,
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd="/",
+            )
+        except OSError as exc:
+            ours.close()
+            raise TransportError(f"cannot start the SSH worker process: {exc}") from exc
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
+        writer.write(frames.encode(init, key))
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                first = await frames.read(reader)
+        except (TimeoutError, frames.FrameError, ConnectionError):
+            first = None
+        if first is None or first[0]["op"] != "ready":
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            why = b""
+            if process.stderr is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2):
+                        why = await process.stderr.read()
+            writer.close()
+            await process.wait()
+            last = why.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise TransportError(f"the SSH worker process did not start: {last[0]}")
+        return cls(asyncio.get_running_loop(), process, reader, writer)
+
+    def open(self) -> _Call:
+        call = _Call(next(self._ids))
+        self.calls[call.id] = call
+        return call
+
+    def send_nowait(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self.gone is None and not self._writer.is_closing():
+            self._writer.write(frames.encode(header, payload))
+
+    async def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        """Send a frame, waiting while the socket's buffer is full (stdin of an upload)."""
+        self.send_nowait(header, payload)
+        with contextlib.suppress(ConnectionError):
+            await self._writer.drain()
+
+    async def _read(self) -> None:
+        why = "the SSH worker process exited"
+        try:
+            while (frame := await frames.read(self._reader)) is not None:
+                header, payload = frame
+                if header["op"] == "log":
+                    logging.getLogger(str(header.get("name", WORKER_MODULE))).log(
+                        int(header.get("level", logging.INFO)), "%s", header.get("message")
+                    )
+                    continue
+                call = self.calls.get(header.get("id", 0))
+                if call is None:
+                    continue
+                if header["op"] == "more":
+                    if call.on_more is not None:
+                        call.on_more()
+                    continue
+                call.put(header, payload)
+        except (frames.FrameError, ConnectionError) as exc:
+            why = f"the SSH worker process broke the protocol: {exc}"
+        finally:
+            self.gone = self.gone or why
+            for call in self.calls.values():
+                if not call.ended.is_set():
+                    call.put({"op": "gone", "id": call.id, "message": self.gone}, b"")
+                    call.ended.set()
+
+    async def _log_stderr(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            log.warning("SSH worker: %s", line.decode(errors="replace").rstrip())
+
+    async def stop(self) -> None:
+        """Ask the worker to close its connections and exit; kill it if it does not."""
+        self.send_nowait({"op": "close"})
+        self.gone = self.gone or _CLOSED
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                await self.process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        self._writer.close()
+        for task in self._tasks:
+            with contextlib.suppress(Exception):
+                await task
+
+    def abandon(self) -> None:
+        """Kill it without waiting (its loop is another, perhaps closed, one)."""
+        self.gone = self.gone or _CLOSED
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
 
 
-_Key = tuple[str, int, str]
+def _raise_error(header: dict[str, Any]) -> None:
+    """Raise the error a worker's final frame says (it was not a result)."""
+    op, message = header["op"], str(header.get("message", ""))
+    if op == "cancelled":
+        raise TransportError(_CLOSED)
+    if op == "gone":
+        raise TransportError(f"{_CLOSED} ({message})")
+    kind = header.get("kind")
+    if kind == "CommandFailed":
+        raise CommandFailed(message, int(header["exit_status"]), str(header.get("tail", "")))
+    if kind == "InvalidInput":
+        raise InvalidInput(str(header["field"]), str(header["reason"]))
+    raise _ERRORS.get(str(kind), TransportError)(message)
 
 
-@dataclass
-class _Slot:
-    """Cache entry for one (address, port, host key): the connection, and a lock so only one call dials."""
-
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    connection: _Connection | None = None
+async def _wait_ended(call: _Call) -> None:
+    """Wait (even through cancellations) until the worker ended `call`, at most CANCEL_TIMEOUT."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + CANCEL_TIMEOUT
+    while not call.ended.is_set() and loop.time() < until:
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.shield(asyncio.wait_for(call.ended.wait(), until - loop.time()))
 
 
 class SystemVMTransport:
@@ -134,9 +290,9 @@ class SystemVMTransport:
 
     One connection per (address, port, host key) is kept and reused; at most `max_channels`
     commands run on it at once (OpenSSH's sshd allows 10 sessions per connection by default).
-    All SSH work (key exchange, encryption, the connections themselves) runs on an event loop of
-    the transport's own thread, so hundreds of handshakes at once do not stall the caller's loop;
-    the public methods are awaited from any loop and bridge to it.
+    The connections live in the transport's worker process (`ssh_worker`), started on first
+    use and again after `close()` or if it died; hundreds of handshakes at once take none of
+    the caller's CPU or interpreter lock.
     """
 
     def __init__(
@@ -149,12 +305,22 @@ class SystemVMTransport:
     ) -> None:
         if max_channels < 1:
             raise InvalidInput("max_channels", "must be at least 1")
-        self._client_key = client_key
-        self._connect_timeout = connect_timeout
-        self._command_timeout = command_timeout
-        self._max_channels = max_channels
-        self._slots: dict[_Key, _Slot] = {}
-        self._thread = LoopThread("sysvm-ssh")
+        self._key = client_key.export_private_key("openssh")
+        self._init = {
+            "op": "init",
+            "connect_timeout": connect_timeout,
+            "command_timeout": command_timeout,
+            "max_channels": max_channels,
+            "log_level": logging.getLogger("backend").getEffectiveLevel(),
+        }
+        self._worker: _Worker | None = None
+        self._starting: asyncio.Future[_Worker] | None = None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker process's pid while it runs."""
+        worker = self._worker
+        return worker.process.pid if worker is not None and worker.gone is None else None
 
     async def run(
         self,
@@ -171,7 +337,29 @@ class SystemVMTransport:
         (the command timeout starts once a channel slot is free). A non-zero exit is not an error.
         Cancelling the caller closes the command's channel, which tells the command to stop.
         """
-        return await self._bridged(self._run_here(address, port, host_public_key, command, stdin))
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        async with self._request() as (worker, call):
+            await worker.send(
+                {
+                    "op": "run",
+                    "id": call.id,
+                    "address": address,
+                    "port": port,
+                    "host_key": host_public_key,
+                    "command": command,
+                    "stdin": data is not None,
+                },
+                data or b"",
+            )
+            header, payload = await call.next()
+        if header["op"] != "result":
+            _raise_error(header)
+        out = int(header["out"])
+        return CommandResult(
+            exit_status=int(header["exit_status"]),
+            stdout=payload[:out].decode(errors="replace"),
+            stderr=payload[out:].decode(errors="replace"),
+        )
 
     async def stream(
         self,
@@ -194,318 +382,125 @@ class SystemVMTransport:
         the consuming task) closes the SSH channel at once, which is how a remote command is
         told to stop. Raises HostKeyMismatch, TransportError or TransportTimeout like `run`.
         """
-        if stdin is not None and not isinstance(stdin, bytes | str):
-            stdin = self._thread.pull(stdin, asyncio.get_running_loop())
-        lines = self._stream_here(
-            address, port, host_public_key, command, stdin, idle_timeout=idle_timeout
+        source = None if stdin is None or isinstance(stdin, bytes | str) else stdin
+        data = (
+            stdin.encode()
+            if isinstance(stdin, str)
+            else stdin
+            if isinstance(stdin, bytes)
+            else None
         )
-        try:
-            async for line in self._thread.iterate(lines):
-                yield line
-        except LoopThreadStopped as exc:
-            raise TransportError(_CLOSED) from exc
+        stdin_failed: list[BaseException] = []
+        pulling: list[asyncio.Task[None]] = []
+        async with self._request() as (worker, call):
+            if source is not None:
+                call.on_more = lambda: pulling.append(
+                    asyncio.ensure_future(_pull_one(worker, call.id, source, stdin_failed))
+                )
+            mode = "iterator" if source is not None else "bytes" if data is not None else None
+            try:
+                await worker.send(
+                    {
+                        "op": "stream",
+                        "id": call.id,
+                        "address": address,
+                        "port": port,
+                        "host_key": host_public_key,
+                        "command": command,
+                        "stdin": mode,
+                        "idle_timeout": idle_timeout,
+                    },
+                    data or b"",
+                )
+                while True:
+                    header, _ = await call.next()
+                    if header["op"] != "lines":
+                        break
+                    for line in header["lines"]:
+                        yield line
+                    worker.send_nowait({"op": "credit", "id": call.id, "n": len(header["lines"])})
+            finally:
+                for task in pulling:
+                    task.cancel()
+        if stdin_failed:
+            raise stdin_failed[0]
+        if header["op"] != "end":
+            _raise_error(header)
 
     async def close(self) -> None:
-        """Close every connection this transport holds (and its thread; a later call starts it again)."""
-        if self._thread.running_loop is not None:
-            await self._bridged(self._close_here())
-            await self._thread.stop()
+        """Close every connection this transport holds and end its worker (a later call starts
+        a new one)."""
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        if worker.loop is asyncio.get_running_loop():
+            await worker.stop()
+        else:
+            worker.abandon()
 
     def drop(self, address: str, port: int, host_public_key: str) -> None:
         """Close the cached connection to that VM, so the next command dials a new one (as a
-        commit-confirm must: it proves the control path still works after an apply)."""
-        if self._thread.running_loop is not None:  # done before any command submitted after it
-            self._thread.call_soon(self._drop_here, address, port, host_public_key)
-
-    async def _bridged(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await `coro` on the transport's thread."""
-        try:
-            return await self._thread.call(coro)
-        except LoopThreadStopped as exc:
-            raise TransportError(_CLOSED) from exc
-
-    # -- on the transport's thread -------------------------------------------------------------
-
-    async def _run_here(
-        self,
-        address: str,
-        port: int,
-        host_public_key: str,
-        command: str,
-        stdin: bytes | str | None,
-    ) -> CommandResult:
-        data = stdin.encode() if isinstance(stdin, str) else stdin
-        key: _Key = (address, port, host_public_key.strip())
-        where = f"{address}:{port}"
-        connection, reused = await self._connection(key)
-        try:
-            return await self._run_on(connection, where, command, data)
-        except _ChannelNotOpened as exc:
-            self._forget(key, connection)
-            if not reused:
-                raise TransportError(f"system VM at {where} refused a session: {exc}") from exc
-            # The cached connection went stale (guest rebooted, idle cut); the command never ran.
-            log.info("connection to %s went stale (%s); reconnecting", where, exc)
-            connection, _ = await self._connection(key)
-            try:
-                return await self._run_on(connection, where, command, data)
-            except _ChannelNotOpened as exc2:
-                self._forget(key, connection)
-                raise TransportError(f"system VM at {where} refused a session: {exc2}") from exc2
-
-    async def _stream_here(
-        self,
-        address: str,
-        port: int,
-        host_public_key: str,
-        command: str,
-        stdin: bytes | str | AsyncIterator[bytes] | None,
-        *,
-        idle_timeout: float | None,
-    ) -> AsyncIterator[str]:
-        key: _Key = (address, port, host_public_key.strip())
-        where = f"{address}:{port}"
-        connection, reused = await self._connection(key)
-        while True:
-            await connection.channels.acquire()
-            try:
-                async with asyncio.timeout(self._command_timeout):
-                    process = await connection.conn.create_process(command, encoding=None)
-                break
-            except TimeoutError as exc:
-                connection.channels.release()
-                raise TransportTimeout(
-                    f"system VM at {where} did not open a session within {self._command_timeout:g}s"
-                ) from exc
-            except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, OSError) as exc:
-                connection.channels.release()
-                self._forget(key, connection)
-                if not reused:
-                    raise TransportError(
-                        f"system VM at {where} refused a session: {_reason(exc)}"
-                    ) from exc
-                log.info("connection to %s went stale (%s); reconnecting", where, _reason(exc))
-                connection, reused = await self._connection(key)
-            except BaseException:
-                connection.channels.release()
-                raise
-        feeder = asyncio.create_task(_feed_stdin(process, stdin), name=f"stdin-{where}")
-        stderr_tail = asyncio.create_task(_stderr_tail(process), name=f"stderr-{where}")
-        finished = False
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(idle_timeout):
-                        line = await process.stdout.readline()
-                except TimeoutError as exc:
-                    raise TransportTimeout(
-                        f"command on system VM at {where} printed nothing for {idle_timeout:g}s"
-                    ) from exc
-                except (asyncssh.Error, OSError) as exc:
-                    raise TransportError(
-                        f"connection to system VM at {where} broke during a command: {_reason(exc)}"
-                    ) from exc
-                if not line:
-                    break
-                yield _text(line).rstrip("\r\n")
-            if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
-                raise feeder.exception()  # type: ignore[misc]
-            try:
-                completed = await process.wait(check=False)
-            except (asyncssh.Error, OSError) as exc:
-                raise TransportError(
-                    f"connection to system VM at {where} broke during a command: {_reason(exc)}"
-                ) from exc
-            finished = True
-            tail = await stderr_tail
-            if completed.returncode is None:
-                raise TransportError(
-                    f"connection to system VM at {where} closed before the command reported an exit status"
-                )
-            if completed.returncode != 0:
-                last = tail.strip().splitlines()[-1:] or ["no message on stderr"]
-                raise CommandFailed(
-                    f"{' '.join(command.split()[:2])!r} on system VM at {where} exited with status "
-                    f"{completed.returncode}: {last[0][:300]}",
-                    completed.returncode,
-                    tail,
-                )
-        finally:
-            if not finished:
-                process.channel.abort()  # drop queued input too: stop now, not after a flush
-            feeder.cancel()
-            stderr_tail.cancel()
-            connection.channels.release()
-
-    async def _close_here(self) -> None:
-        slots, self._slots = self._slots, {}
-        conns = [s.connection.conn for s in slots.values() if s.connection is not None]
-        for conn in conns:
-            conn.close()
-        for conn in conns:
-            with contextlib.suppress(Exception):
-                await conn.wait_closed()
-
-    def _drop_here(self, address: str, port: int, host_public_key: str) -> None:
-        slot = self._slots.get((address, port, host_public_key.strip()))
-        if slot is not None and slot.connection is not None:
-            self._forget((address, port, host_public_key.strip()), slot.connection)
-
-    async def _connection(self, key: _Key) -> tuple[_Connection, bool]:
-        """The live connection for `key`, dialling if there is none; also says whether it was reused."""
-        slot = self._slots.setdefault(key, _Slot())
-        async with slot.lock:
-            if slot.connection is not None and not slot.connection.conn.is_closed():
-                return slot.connection, True
-            slot.connection = None
-            self._prune(key)
-            conn = await self._connect(*key)
-            slot.connection = _Connection(conn, asyncio.Semaphore(self._max_channels))
-            return slot.connection, False
-
-    def _prune(self, key: _Key) -> None:
-        """Forget idle entries for the same address:port under another host key (VM reprovisioned)."""
-        for other, slot in list(self._slots.items()):
-            if other[:2] != key[:2] or other == key or slot.lock.locked():
-                continue
-            if slot.connection is None or slot.connection.conn.is_closed():
-                del self._slots[other]
-
-    def _forget(self, key: _Key, connection: _Connection) -> None:
-        """Drop `connection` from the cache (if still cached) and close it."""
-        slot = self._slots.get(key)
-        if slot is not None and slot.connection is connection:
-            slot.connection = None
-        connection.conn.close()
-
-    async def _connect(
-        self, address: str, port: int, host_public_key: str
-    ) -> asyncssh.SSHClientConnection:
-        """Open and authenticate one SSH connection, mapping asyncssh failures to operator errors."""
-        where = f"{address}:{port}"
-        known_hosts = _known_hosts(host_public_key)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                return await asyncssh.connect(
-                    address,
-                    port,
-                    username=USERNAME,
-                    client_keys=[self._client_key],
-                    known_hosts=known_hosts,
-                    config=[],
-                    agent_path=None,
-                    password=None,
-                    kbdint_auth=False,
-                    gss_auth=False,
-                    preferred_auth="publickey",
-                    x509_trusted_certs=None,
-                )
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise HostKeyMismatch(
-                f"system VM at {where} presented a host key that doesn't match the one generated "
-                f"at provisioning; refusing to connect (reprovision the VM if it was rebuilt)"
-            ) from exc
-        except asyncssh.PermissionDenied as exc:
-            raise TransportError(
-                f"system VM at {where} refused the engine's SSH key: {exc.reason}"
-            ) from exc
-        except TimeoutError as exc:
-            raise TransportTimeout(
-                f"cannot reach system VM at {where}: no SSH handshake within {self._connect_timeout:g}s"
-            ) from exc
-        except (OSError, asyncssh.Error) as exc:
-            raise TransportError(f"cannot reach system VM at {where}: {_reason(exc)}") from exc
-
-    async def _run_on(
-        self, connection: _Connection, where: str, command: str, data: bytes | None
-    ) -> CommandResult:
-        """Run one command on one channel of `connection`, holding a channel slot throughout."""
-        async with connection.channels:
-            process: asyncssh.SSHClientProcess[bytes] | None = None
-            try:
-                async with asyncio.timeout(self._command_timeout):
-                    try:
-                        process = await connection.conn.create_process(
-                            command, input=data, encoding=None
-                        )
-                    except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, OSError) as exc:
-                        raise _ChannelNotOpened(_reason(exc)) from exc
-                    try:
-                        completed = await process.wait(check=False)
-                    except asyncio.CancelledError:
-                        process.close()  # the caller gave up: tell the command to stop
-                        raise
-            except TimeoutError as exc:
-                if process is not None:
-                    process.close()
-                raise TransportTimeout(
-                    f"command on system VM at {where} did not finish within {self._command_timeout:g}s"
-                ) from exc
-            except (asyncssh.Error, OSError) as exc:
-                raise TransportError(
-                    f"connection to system VM at {where} broke during a command: {_reason(exc)}"
-                ) from exc
-        if completed.returncode is None:
-            raise TransportError(
-                f"connection to system VM at {where} closed before the command reported an exit status"
+        commit-confirm must: it proves the control path still works after an apply). Done
+        before any command submitted after it."""
+        worker = self._worker
+        if worker is not None:
+            worker.send_nowait(
+                {"op": "drop", "address": address, "port": port, "host_key": host_public_key}
             )
-        return CommandResult(
-            exit_status=completed.returncode,
-            stdout=_text(completed.stdout),
-            stderr=_text(completed.stderr),
-        )
+
+    @contextlib.asynccontextmanager
+    async def _request(self) -> AsyncIterator[tuple[_Worker, _Call]]:
+        """A new request to the worker. Left early (the caller was cancelled, or a stream was
+        closed), the request is cancelled there and waited for: its channel is closed and its
+        slot free before the caller goes on, as if the work had been done on its own loop."""
+        worker = await self._ready()
+        call = worker.open()
+        try:
+            yield worker, call
+        except BaseException:
+            if not call.ended.is_set():
+                worker.send_nowait({"op": "cancel", "id": call.id})
+                await _wait_ended(call)
+            raise
+        finally:
+            worker.calls.pop(call.id, None)
+
+    async def _ready(self) -> _Worker:
+        """The running worker, started (once, however many callers wait) if there is none."""
+        loop = asyncio.get_running_loop()
+        worker = self._worker
+        if worker is not None and worker.gone is None and worker.loop is loop:
+            return worker
+        if worker is not None:
+            self._worker = None
+            if worker.loop is not loop:
+                worker.abandon()
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+        starting = self._starting
+        if starting is None or starting.get_loop() is not loop or starting.done():
+            starting = self._starting = asyncio.ensure_future(_Worker.start(self._init, self._key))
+        try:
+            worker = await asyncio.shield(starting)
+        finally:
+            if self._starting is starting and starting.done():
+                self._starting = None
+        self._worker = worker
+        return worker
 
 
-async def _feed_stdin(
-    process: asyncssh.SSHClientProcess[bytes], stdin: bytes | str | AsyncIterator[bytes] | None
+async def _pull_one(
+    worker: _Worker, call_id: int, source: AsyncIterator[bytes], failed: list[BaseException]
 ) -> None:
-    """Send `stdin` to the remote command with flow control, then end of file.
-
-    The remote side may stop reading (it failed, or finished early): a broken pipe ends the feed
-    quietly, the exit status tells the story. An error of the caller's iterator closes the channel.
-    """
+    """The worker asked for the next chunk of a stream's stdin: send it, or its end or failure."""
     try:
-        if isinstance(stdin, str):
-            stdin = stdin.encode()
-        if isinstance(stdin, bytes):
-            process.stdin.write(stdin)
-        elif stdin is not None:
-            async for chunk in stdin:
-                process.stdin.write(chunk)
-                await process.stdin.drain()
-        process.stdin.write_eof()
-        await process.stdin.drain()
-    except (BrokenPipeError, ConnectionError, asyncssh.Error):
-        pass
-    except Exception:
-        process.channel.abort()
-        raise
-
-
-async def _stderr_tail(process: asyncssh.SSHClientProcess[bytes]) -> str:
-    """Read stderr to the end (so it never blocks the channel), keeping the last few KiB."""
-    tail = b""
-    with contextlib.suppress(asyncssh.Error, OSError):
-        while chunk := await process.stderr.read(65536):
-            tail = (tail + chunk)[-STDERR_TAIL_BYTES:]
-    return _text(tail)
-
-
-class _ChannelNotOpened(Exception):
-    """A session could not be opened on a connection, so the command was never started."""
-
-
-def _reason(exc: BaseException) -> str:
-    """A short human reason for an asyncssh or socket failure."""
-    if isinstance(exc, asyncssh.DisconnectError | asyncssh.ChannelOpenError):
-        return exc.reason or type(exc).__name__
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
-    return str(exc) or type(exc).__name__
-
-
-def _text(output: object) -> str:
-    """Decode command output as UTF-8, replacing undecodable bytes."""
-    if isinstance(output, bytes):
-        return output.decode("utf-8", errors="replace")
-    return "" if output is None else str(output)
+        chunk = await source.__anext__()
+    except StopAsyncIteration:
+        worker.send_nowait({"op": "stdin", "id": call_id, "end": True})
+        return
+    except Exception as exc:  # noqa: BLE001 - raised to the stream's caller, not here
+        failed.append(exc)
+        worker.send_nowait({"op": "stdin", "id": call_id, "error": True})
+        return
+    await worker.send({"op": "stdin", "id": call_id}, chunk)
