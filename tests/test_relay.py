@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from backend.appliance import relay
 from backend.appliance.service_socket import framed_answer
+from tests.startup_modules import modules_added_by
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,19 +62,7 @@ def test_a_cut_answer_is_reported_and_fails() -> None:
 def test_the_relay_imports_no_module_that_triples_its_start() -> None:
     """Run as a file, it loads neither json, socket, threading, re nor enum: each SSH command
     would pay their import (~40 ms of start against ~13 ms; measured by bench_router_apply)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    listing = "print(' '.join(sorted(sys.modules)))"
-    as_file = (
-        f"import sys; f = {relay.__file__!r}; sys.argv = [f]; "
-        "exec(compile(open(f).read(), f, 'exec'), {'__name__': 'probe', '__file__': f}); "
-    )
-
-    def modules(code: str) -> set[str]:
-        argv = [sys.executable, "-S", "-c", code]
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
-        return set(done.stdout.split())
-
-    added = modules(as_file + listing) - modules("import sys; " + listing)
+    added = modules_added_by(relay.__file__)
     assert "backend.appliance.service_socket" in added  # the probe did load the relay
     assert not added & {"json", "socket", "threading", "re", "enum", "typing", "runpy"}, added
 

@@ -50,6 +50,7 @@ from backend.transport.ssh import (
     load_client_key,
     new_host_key,
 )
+from tests.startup_modules import modules_added_by
 from tests.test_router_render import big_bundle, one_rule_changed
 from tests.test_router_rules import CIDR, GATEWAY, PUBLIC, VALID, make_bundle
 
@@ -411,18 +412,7 @@ def test_the_timer_process_starts_without_the_rollback_code() -> None:
     """Every windowed apply starts a timer, on the router's own CPU: it loads no module of ours
     and none of pathlib, json, argparse or subprocess until its deadline passes (~15 ms of CPU
     to start against ~80 ms with them). The rollback tests above prove it still rolls back."""
-    listing = "print(' '.join(sorted(sys.modules)))"
-    as_file = (
-        f"import sys; f = {str(ROOT / 'backend/appliance/router/rollback_timer_process.py')!r}; "
-        "exec(compile(open(f).read(), f, 'exec'), {'__name__': 'probe', '__file__': f}); "
-    )
-
-    def modules(code: str) -> set[str]:
-        argv = [sys.executable, "-S", "-c", code]
-        done = subprocess.run(argv, capture_output=True, text=True, check=True)
-        return set(done.stdout.split())
-
-    added = modules(as_file + listing) - modules("import sys; " + listing)
+    added = modules_added_by(ROOT / "backend/appliance/router/rollback_timer_process.py")
     assert not {m for m in added if m.startswith("backend")}, added
     assert not added & {"pathlib", "json", "argparse", "subprocess", "dataclasses", "runpy"}, added
 
