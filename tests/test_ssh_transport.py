@@ -411,3 +411,34 @@ async def test_frames_carry_bytes_beside_the_json_header_and_end_cleanly() -> No
 async def test_a_malformed_frame_is_refused_saying_why(data: bytes, why: str) -> None:
     with pytest.raises(frames.FrameError, match=why):
         await frames.read(_reader_of(data))
+
+
+def _worker_children() -> set[int]:
+    """Live SSH worker processes started by this process."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes()
+            if fields[0] != "Z" and int(fields[1]) == os.getpid() and b"ssh_worker" in argv:
+                found.add(int(entry.name))
+    return found
+
+
+async def test_closing_while_the_worker_starts_ends_that_worker_too(engine_key_path: Path) -> None:
+    """The engine starts its worker in the background and may stop at once (a cancelled start):
+    close() must not leave that worker running."""
+    before = _worker_children()
+    transport = SystemVMTransport(load_client_key(engine_key_path))
+    starting = asyncio.create_task(transport.start())
+    await asyncio.sleep(0.05)  # spawned, still importing asyncssh
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    assert _worker_children() - before  # it was started
+
+    await transport.close()
+
+    assert _worker_children() - before == set()

@@ -33,7 +33,15 @@ from backend.db.models import (
 )
 from backend.engine.events import EventBus
 from backend.engine.jobs import JobContext, JobKind, JobRunner
-from backend.errors import Conflict, EngineUnavailable, InvalidInput, NotFound, ReadOnly, SysvmError
+from backend.errors import (
+    Conflict,
+    EngineUnavailable,
+    InvalidInput,
+    NotFound,
+    ReadOnly,
+    SysvmError,
+    TransportError,
+)
 from backend.heap import HeapSettler
 from backend.hypervisor.connection import HostConnection
 from backend.hypervisor.pool import HypervisorPool
@@ -109,6 +117,7 @@ class Engine:
         self.transport = SystemVMTransport(
             client_key, connect_timeout=float(self.config["engine.connect_timeout"])
         )
+        self._spawn(self._start_transport(), "ssh-worker-start")
         local = LocalGuests(
             self.key_path.with_suffix(".pub"),
             boot_delay=float(self.config["lab.boot_delay"]),
@@ -151,6 +160,13 @@ class Engine:
         await self.db.close()
         self.stopped.set()
         log.info("engine stopped")
+
+    async def _start_transport(self) -> None:
+        """Start the SSH worker while the engine starts, so the first command does not wait."""
+        try:
+            await self.transport.start()
+        except TransportError as exc:
+            log.warning("%s; the next SSH command tries again", exc)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
