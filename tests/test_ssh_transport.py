@@ -442,3 +442,22 @@ async def test_closing_while_the_worker_starts_ends_that_worker_too(engine_key_p
     await transport.close()
 
     assert _worker_children() - before == set()
+
+
+async def test_a_run_cancelled_as_soon_as_it_is_sent_ends_at_once(lab: Lab) -> None:
+    """The request and its cancel reach the worker together: the request must still be
+    answered (cancelled) rather than left for the caller to wait out CANCEL_TIMEOUT."""
+    port = await lab.endpoints.start(VM, lab.host_private)
+    await lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+    for _ in range(5):
+        run = asyncio.create_task(
+            lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+        )
+        await asyncio.sleep(0)  # sent, not yet answered
+        started = time.monotonic()
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        assert time.monotonic() - started < 2
+    result = await lab.transport.run("127.0.0.1", port, lab.host_public, "sysvm-appliance status")
+    assert result.exit_status == 0

@@ -267,7 +267,7 @@ def _raise_error(header: dict[str, Any]) -> None:
     if op == "cancelled":
         raise TransportError(_CLOSED)
     if op == "gone":
-        raise TransportError(f"{_CLOSED} ({message})")
+        raise TransportError(_CLOSED if message == _CLOSED else f"{_CLOSED} ({message})")
     kind = header.get("kind")
     if kind == "CommandFailed":
         raise CommandFailed(message, int(header["exit_status"]), str(header.get("tail", "")))

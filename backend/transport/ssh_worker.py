@@ -103,10 +103,11 @@ class Worker:
         op, call_id = header["op"], int(header.get("id", 0))
         if op in ("run", "stream"):
             work = self._run(header, payload) if op == "run" else self._stream(header, payload)
-            self._tasks[call_id] = asyncio.create_task(self._answer(call_id, work))
+            started = self._tasks[call_id] = asyncio.create_task(work)
+            started.add_done_callback(lambda done: self._finished(call_id, done))
         elif op == "cancel":
-            if (task := self._tasks.get(call_id)) is not None:
-                task.cancel()
+            if (running := self._tasks.get(call_id)) is not None:
+                running.cancel()
         elif op == "credit":
             if (window := self._credit.get(call_id)) is not None:
                 for _ in range(int(header.get("n", 1))):
@@ -120,17 +121,16 @@ class Worker:
             return False
         return True
 
-    async def _answer(self, call_id: int, work: Any) -> None:
-        try:
-            await work
-        except asyncio.CancelledError:
+    def _finished(self, call_id: int, task: asyncio.Task[None]) -> None:
+        """A request ended: its answer was sent, or now its cancellation or error is. (A done
+        callback, so a request cancelled before it ever ran is answered too.)"""
+        self._tasks.pop(call_id, None)
+        self._credit.pop(call_id, None)
+        self._stdin.pop(call_id, None)
+        if task.cancelled():
             self.send({"op": "cancelled", "id": call_id})
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the engine
+        elif (exc := task.exception()) is not None:
             self.send(error_header(call_id, exc))
-        finally:
-            self._tasks.pop(call_id, None)
-            self._credit.pop(call_id, None)
-            self._stdin.pop(call_id, None)
 
     async def _run(self, header: dict[str, Any], payload: bytes) -> None:
         result = await self._connections.run(
