@@ -391,12 +391,16 @@ class SystemVMTransport:
             else None
         )
         stdin_failed: list[BaseException] = []
-        pulling: list[asyncio.Task[None]] = []
+        pulling: list[asyncio.Task[None]] = []  # the chunk being pulled (one at a time)
         async with self._request() as (worker, call):
             if source is not None:
-                call.on_more = lambda: pulling.append(
-                    asyncio.ensure_future(_pull_one(worker, call.id, source, stdin_failed))
-                )
+                chunks = source
+
+                def pull_next() -> None:  # the worker asked for the next chunk
+                    pull = _pull_one(worker, call.id, chunks, stdin_failed)
+                    pulling[:] = [asyncio.ensure_future(pull)]
+
+                call.on_more = pull_next
             mode = "iterator" if source is not None else "bytes" if data is not None else None
             try:
                 await worker.send(
