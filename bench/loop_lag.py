@@ -1,8 +1,11 @@
 """How late the running event loop wakes a 1 ms sleep: its stalls, for the benchmarks.
 
 With `trace_over_ms`, a watchdog thread also samples the loop thread's stack whenever the
-loop has not woken for that long (and where the other threads were), and collections of the
-garbage collector are timed, which is how the causes of stalls are found. A stall in which the
+loop has not woken for that long (and where the other threads were), collections of the
+garbage collector are timed, and so are the loop's iterations: one that ran that long after its
+poll returned, with its CPU time and how many callbacks it ran (a burst of ready callbacks
+shows as many callbacks and CPU close to the wall time; waiting for the GIL or a CPU, as CPU
+far below it). That is how the causes of stalls are found. A stall in which the
 watchdog got no sample at all was one thread holding the GIL throughout (a collection, a C call).
 """
 
@@ -16,6 +19,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from typing import TextIO
 
 
 class LoopLag:
@@ -32,6 +37,8 @@ class LoopLag:
         self._beat = time.perf_counter()
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self.iterations: list[tuple[float, float, int]] = []  # (wall ms, CPU ms, callbacks)
+        self._untime: Callable[[], None] | None = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -56,7 +63,7 @@ class LoopLag:
     def _watch(self, loop_thread: int, limit: float) -> None:
         """Sample the loop thread's innermost frames every `limit`/4 while it is `limit` late;
         also keep, per stall, where every other thread was at each sample."""
-        beat, seen = self._beat, []
+        beat, seen = self._beat, list[str]()
         while not self._stop.wait(limit / 4):
             late = time.perf_counter() - self._beat
             if self._beat != beat and seen:
@@ -89,7 +96,42 @@ class LoopLag:
             )
             self._watchdog.start()
             gc.callbacks.append(self._time_gc)
+            self._time_iterations(asyncio.get_running_loop(), self._trace_over)
         return self
+
+    def _time_iterations(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
+        """Record the loop's iterations whose work (after the poll) took `limit` or longer."""
+        selector = loop._selector  # type: ignore[attr-defined]
+        poll, run_once = selector.select, loop._run_once  # type: ignore[attr-defined]
+        handle_run = asyncio.events.Handle._run
+        me = threading.get_ident()
+        polled = [0.0, 0.0, 0]  # perf_counter and thread_time after the poll, callbacks run
+
+        def timed_poll(timeout: float | None = None) -> object:
+            events = poll(timeout)
+            polled[:] = [time.perf_counter(), time.thread_time(), 0]
+            return events
+
+        def counted_run(handle: asyncio.Handle) -> None:
+            if threading.get_ident() == me:
+                polled[2] += 1
+            handle_run(handle)
+
+        def timed_run_once() -> None:
+            polled[0] = 0.0
+            run_once()
+            if polled[0] and (took := time.perf_counter() - polled[0]) >= limit:
+                cpu = time.thread_time() - polled[1]
+                self.iterations.append((took * 1000, cpu * 1000, int(polled[2])))
+
+        selector.select, loop._run_once = timed_poll, timed_run_once  # type: ignore[attr-defined]
+        asyncio.events.Handle._run = counted_run  # type: ignore[method-assign,assignment]
+
+        def untime() -> None:
+            del selector.select, loop._run_once  # type: ignore[attr-defined]
+            asyncio.events.Handle._run = handle_run  # type: ignore[method-assign]
+
+        self._untime = untime
 
     def __exit__(self, *exc: object) -> None:
         assert self._task is not None
@@ -97,6 +139,8 @@ class LoopLag:
         self._stop.set()
         if self._time_gc in gc.callbacks:
             gc.callbacks.remove(self._time_gc)
+        if self._untime is not None:
+            self._untime()
         if self._watchdog is not None:
             self._watchdog.join()
 
@@ -108,17 +152,19 @@ class LoopLag:
             "median_ms": round(statistics.median(s), 3),
         }
 
-    def print_stacks(self, file: object = None) -> None:
+    def print_stacks(self, file: TextIO | None = None) -> None:
         """Print the sampled stacks of stalls, most frequent first, to `file` (stderr)."""
         out = file or sys.stderr
         for stack, count in self.stacks.most_common():
-            print(f"---- {count} sample(s) of the late loop in:\n{stack}", file=out)  # type: ignore[call-overload]
+            print(f"---- {count} sample(s) of the late loop in:\n{stack}", file=out)
         for ms, seen in sorted(self.episodes, reverse=True)[:5]:
             # The watchdog needs the GIL too: a long gap means it was starved, not how long
             # the loop was late (the JSON figures say that).
-            print(f"---- watchdog gap ~{ms:.0f} ms, samples:", *seen, sep="\n  ", file=out)  # type: ignore[call-overload]
+            print(f"---- watchdog gap ~{ms:.0f} ms, samples:", *seen, sep="\n  ", file=out)
+        for ms, cpu, ran in sorted(self.iterations, reverse=True)[:10]:
+            print(f"---- loop iteration: {ms:.1f} ms ({cpu:.1f} CPU), {ran} callbacks", file=out)
         for generation, ms, cpu, thread in self.gc_pauses:
-            print(f"---- gc of generation {generation}: {ms} ms ({cpu} CPU) on {thread}", file=out)  # type: ignore[call-overload]
+            print(f"---- gc of generation {generation}: {ms} ms ({cpu} CPU) on {thread}", file=out)
 
 
 def _thread_name(ident: int) -> str:
