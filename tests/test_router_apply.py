@@ -410,8 +410,8 @@ async def test_a_confirmed_apply_stays_after_its_window(lab: RouterLab) -> None:
 
 def test_the_timer_process_starts_without_the_rollback_code() -> None:
     """Every windowed apply starts a timer, on the router's own CPU: it loads no module of ours
-    and none of pathlib, json, argparse or subprocess until its deadline passes (~15 ms of CPU
-    to start against ~80 ms with them). The rollback tests above prove it still rolls back."""
+    and none of pathlib, json, argparse or subprocess until its deadline passes (it starts in
+    10-20 ms, against 80-90 ms with them). The rollback tests above prove it still rolls back."""
     added = modules_added_by(ROOT / "backend/appliance/router/rollback_timer_process.py")
     assert not {m for m in added if m.startswith("backend")}, added
     assert not added & {"pathlib", "json", "argparse", "subprocess", "dataclasses", "runpy"}, added

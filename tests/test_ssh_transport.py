@@ -331,11 +331,11 @@ def test_the_worker_exits_when_its_engine_dies_without_closing_it(engine_key_pat
     code = f"""
 import asyncio, os, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from pathlib import Path
 from backend.transport.ssh import SystemVMTransport, load_client_key
-from backend.transport import ssh
 async def main():
-    t = SystemVMTransport(load_client_key(ssh.Path({str(engine_key_path)!r})))
-    await t._ready()
+    t = SystemVMTransport(load_client_key(Path({str(engine_key_path)!r})))
+    await t.start()
     print(t.worker_pid, flush=True)
     os._exit(0)
 asyncio.run(main())

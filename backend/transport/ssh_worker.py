@@ -87,6 +87,8 @@ class _Stdin:
 
 
 class Worker:
+    """The engine's requests in flight in this process, and the frames that answer them."""
+
     def __init__(self, writer: asyncio.StreamWriter, connections: SSHConnections) -> None:
         self._writer = writer
         self._connections = connections

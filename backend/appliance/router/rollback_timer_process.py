@@ -2,8 +2,8 @@
 
 Every windowed apply starts one, and on a router with one vCPU its start competes with the apply
 it guards. So it is run as a file (`python -S .../rollback_timer_process.py`: no site-packages,
-no runpy) and imports only `os`, `sys` and `time` until its deadline passes: about 15 ms of CPU
-to start, against about 80 ms when it imported the rollback code up front. A confirmed window
+no runpy) and imports only `os`, `sys` and `time` until its deadline passes: it starts in 10-20
+ms, against 80-90 ms when it imported the rollback code up front. A confirmed window
 kills it (`rollback_timer.disarm`) before it ever needs more.
 
 Its command line is made by the launcher, never by a person; anything else is refused (exit 2).
