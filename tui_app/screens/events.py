@@ -14,7 +14,6 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Static
 
-from tui_app.event_batch import EventBatch
 from tui_app.screens.filtered_table import FilteredTableScreen
 from tui_app.widgets.filter_input import FilterInput
 from tui_app.widgets.record_table import RecordTable
@@ -50,7 +49,6 @@ class EventsScreen(FilteredTableScreen):
         super().__init__()
         self.events: list[EventRecord] = []
         self.loaded = False
-        self._batch = EventBatch(self, self._apply_events)
         self._fields_width = 0
         self.applied_batches = 0
 

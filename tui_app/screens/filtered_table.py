@@ -13,6 +13,7 @@ from textual import on
 from textual.screen import Screen
 from textual.widgets import Input
 
+from tui_app.event_batch import EventBatch
 from tui_app.widgets.filter_input import FilterInput
 from tui_app.widgets.inventory_tree import InventoryFilter
 from tui_app.widgets.record_table import RecordTable
@@ -29,6 +30,16 @@ class FilteredTableScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self._filter = InventoryFilter()
+        self._batch = EventBatch(self, self._apply_live)
+
+    def _apply_live(self, events: list[EventRecord]) -> None:
+        """A frame's engine events, unless the screen is being taken down: its widgets are
+        removed before its timers stop, so a last batch may still come when the table is gone."""
+        if self.query(RecordTable):
+            self._apply_events(events)
+
+    def _apply_events(self, events: list[EventRecord]) -> None:
+        raise NotImplementedError
 
     @property
     def sysvm(self) -> SysvmApp:

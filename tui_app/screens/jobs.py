@@ -14,7 +14,6 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Static
 
-from tui_app.event_batch import EventBatch
 from tui_app.screens.confirm import ConfirmScreen
 from tui_app.screens.filtered_table import FilteredTableScreen
 from tui_app.screens.job_details import JobDetailsScreen
@@ -77,7 +76,6 @@ class JobsScreen(FilteredTableScreen):
         super().__init__()
         self.jobs: dict[int, dict[str, Any]] = {}
         self.loaded = False
-        self._batch = EventBatch(self, self._apply_events)
         self._message_width = 0
         self._cancellable = False
         self.listing_help = False

@@ -18,7 +18,6 @@ from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Static
 
 from backend.errors import Conflict
-from tui_app.event_batch import EventBatch
 from tui_app.screens.confirm import ConfirmScreen
 from tui_app.screens.filtered_table import FilteredTableScreen
 from tui_app.screens.job_details import JobDetailsScreen
@@ -117,7 +116,6 @@ class TemplatesScreen(FilteredTableScreen):
         self.templates: dict[int, dict[str, Any]] = {}
         self.loaded = False
         self.listing_help = False
-        self._batch = EventBatch(self, self._apply_events)
         self._reload_armed = False
         self._meters: dict[int, TransferMeter] = {}
         self._last_width = 0
