@@ -1,14 +1,18 @@
-"""The engine's database pool: connections opened up front, bursts of sessions wait for them
-(opening one starts a thread, which blocks the loop), and nested sessions never deadlock."""
+"""The engine's database: units of work run whole in its threads; the async pool's connections
+are opened up front, bursts of sessions wait for them (opening one starts a thread, which blocks
+the loop), and nested sessions never deadlock."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.orm import Session
 
 from backend.db.database import POOL_SIZE, Database
 
@@ -89,3 +93,72 @@ async def test_a_cancelled_writer_does_not_cut_its_transaction_and_the_next_writ
     finally:
         await db.close()
     assert rows == [1, 2]  # the cancelled caller's transaction ended whole, then the next one
+
+
+async def test_a_unit_of_work_runs_whole_in_the_database_thread_and_commits_once(
+    tmp_path: Path,
+) -> None:
+    """`run_write` runs a plain function with a synchronous session in the writing thread, not
+    on the loop, and commits at the end; `run_read` sees the result; a unit that raises leaves
+    nothing behind."""
+    db = Database(tmp_path / "sysvm.db")
+    await db.open()
+    threads: list[str] = []
+
+    def create(s: Session) -> int:
+        threads.append(threading.current_thread().name)
+        s.execute(text("CREATE TABLE t (x INTEGER)"))
+        s.execute(text("INSERT INTO t VALUES (1), (2)"))
+        return 2
+
+    def half_done(s: Session) -> None:
+        s.execute(text("INSERT INTO t VALUES (3)"))
+        raise ValueError("refused after the first statement")
+
+    def read(s: Session) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return sorted(r[0] for r in s.execute(text("SELECT x FROM t")))
+
+    try:
+        assert await db.run_write(create) == 2
+        with pytest.raises(ValueError, match="refused"):
+            await db.run_write(half_done)
+        rows = await db.run_read(read)
+    finally:
+        await db.close()
+    assert rows == [1, 2]  # the failed unit's insert was rolled back
+    assert threads[0].startswith("sysvm-db-write") and threads[1].startswith("sysvm-db-read")
+    assert threading.main_thread().name not in threads
+
+
+async def test_a_cancelled_unit_of_work_still_commits_whole_before_the_next_write(
+    tmp_path: Path,
+) -> None:
+    """A thread cannot be cut: the caller of a cancelled `run_write` gets CancelledError at
+    once (before the unit ends), the unit still commits whole, and the next write sees it."""
+    db = Database(tmp_path / "sysvm.db")
+    await db.open()
+    await db.run_write(lambda s: s.execute(text("CREATE TABLE t (x INTEGER)")))
+    started, finished = threading.Event(), threading.Event()
+
+    def slow(s: Session) -> None:
+        s.execute(text("INSERT INTO t VALUES (1)"))
+        started.set()
+        time.sleep(0.5)  # the caller is cancelled here
+        s.execute(text("INSERT INTO t VALUES (2)"))
+        finished.set()
+
+    def count(s: Session) -> int:
+        return int(s.execute(text("SELECT count(*) FROM t")).scalar_one())
+
+    try:
+        writer = asyncio.create_task(db.run_write(slow))
+        await asyncio.to_thread(started.wait, 5)
+        writer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        assert not finished.is_set(), "the cancelled caller waited for the unit"
+        seen_by_next_write = await asyncio.wait_for(db.run_write(count), 5)
+    finally:
+        await db.close()
+    assert seen_by_next_write == 2

@@ -1,4 +1,5 @@
-"""The engine's database: async sessions, migrations on start, and safe writes.
+"""The engine's database: units of work run in the database's threads, async sessions,
+migrations on start, and safe writes.
 
 SQLite (the default) allows one writer at a time; writes in this process go through one lock
 and retry on `database is locked`, so concurrent services never see spurious failures.
@@ -13,11 +14,12 @@ import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import create_engine, event
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -25,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session, sessionmaker
 
 from backend.errors import SysvmError
 
@@ -124,7 +127,14 @@ def _create_if_empty(path: Path) -> bool:
 
 
 class Database:
-    """Async access to one SQLite database file.
+    """Access to one SQLite database file, two ways.
+
+    `run_read(work)` and `run_write(work)` run `work(session)`, a plain function given a
+    synchronous session, whole in one of the database's two threads (one reads, one writes),
+    and hand back its result: one hop from the event loop per unit of work. Prefer them. An
+    async session (`read()`, `write()`) hops to its aiosqlite thread for every statement, fetch,
+    commit and rollback: a lookup by name costs ~1-1.5 ms of the loop's CPU that way against
+    ~0.1 ms (`bench/bench_db_hops.py`), which counts when a hundred jobs run at once.
 
     Each aiosqlite connection is a thread, and opening one blocks the loop while the thread
     starts. So the pool's connections are opened by `open()`, and at most POOL_SIZE sessions are
@@ -142,6 +152,15 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = asyncio.Lock()
         self._session_slots = asyncio.Semaphore(POOL_SIZE)
+        # pysqlite connections for the threads (SQLAlchemy opens a file database's with
+        # check_same_thread off, so the pool may close them from any thread).
+        self.sync_engine = create_engine(
+            sqlite_url(path, driver="pysqlite"), pool_size=2, max_overflow=2, pool_timeout=60
+        )
+        event.listen(self.sync_engine, "connect", _sqlite_pragmas)
+        self._sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sysvm-db-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sysvm-db-write")
 
     async def open(self) -> str:
         """Migrate (in a thread), open the pool's connections and return the schema revision."""
@@ -154,6 +173,57 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        await asyncio.to_thread(self._close_threads)
+
+    def _close_threads(self) -> None:
+        """Let queued units of work finish, then close the threads' connections."""
+        self._reader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        self.sync_engine.dispose()
+
+    async def run_read(self, work: Callable[[Session], T]) -> T:
+        """`work(session)` run whole in the reading thread; nothing it changes is committed.
+        Objects it returns are detached: load in `work` what the caller needs."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._read_in_thread, work
+        )
+
+    def _read_in_thread(self, work: Callable[[Session], T]) -> T:
+        with self._sync_sessions() as session:
+            return work(session)
+
+    async def run_write(self, work: Callable[[Session], T], *, retries: int = 20) -> T:
+        """`work(session)` run whole in the writing thread, in one transaction committed at the
+        end, under the same lock as `write()`, retried while SQLite is busy (so `work` must be
+        safe to run again). A cancelled caller gets CancelledError at once; the transaction
+        still ends whole (a thread cannot be cut), and the lock is held until it has."""
+        loop = asyncio.get_running_loop()
+        return await _uncut(
+            self._while_busy(
+                lambda: loop.run_in_executor(self._writer, self._write_in_thread, work), retries
+            )
+        )
+
+    async def _while_busy(self, attempt: Callable[[], Awaitable[T]], retries: int) -> T:
+        """`attempt()` under the write lock, again after a pause while SQLite says it is locked
+        (another process writes)."""
+        delay = 0.01
+        for n in range(retries + 1):
+            async with self._write_lock:
+                try:
+                    return await attempt()
+                except OperationalError as exc:
+                    if "locked" not in str(exc.orig) or n == retries:
+                        raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        raise AssertionError("unreachable")
+
+    def _write_in_thread(self, work: Callable[[Session], T]) -> T:
+        with self._sync_sessions() as session:
+            result = work(session)
+            session.commit()
+            return result
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -170,29 +240,18 @@ class Database:
         and every later write (a cancelled job recording that it was cancelled) waited for it.
         A cancelled caller gets CancelledError at once; its transaction still ends whole.
         """
-        transaction = asyncio.ensure_future(self._write(work, retries))
-        try:
-            return await asyncio.shield(transaction)
-        except asyncio.CancelledError:
-            transaction.add_done_callback(_forget_outcome)
-            raise
 
-    async def _write(self, work: Callable[[AsyncSession], Awaitable[T]], retries: int) -> T:
-        delay = 0.01
-        for attempt in range(retries + 1):
-            async with self._write_lock:
-                async with self._session() as session:
-                    try:
-                        result = await work(session)
-                        await session.commit()
-                        return result
-                    except OperationalError as exc:
-                        await session.rollback()
-                        if "locked" not in str(exc.orig) or attempt == retries:
-                            raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-        raise AssertionError("unreachable")
+        async def attempt() -> T:
+            async with self._session() as session:
+                try:
+                    result = await work(session)
+                    await session.commit()
+                    return result
+                except OperationalError:
+                    await session.rollback()
+                    raise
+
+        return await _uncut(self._while_busy(attempt, retries))
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncSession]:
@@ -208,6 +267,17 @@ class Database:
                     yield session
             finally:
                 _in_session.reset(token)
+
+
+async def _uncut(work: Awaitable[T]) -> T:
+    """Await `work` in a task of its own that the caller's cancellation does not cut: the
+    caller gets CancelledError at once, the work still ends whole."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_forget_outcome)
+        raise
 
 
 def _forget_outcome(task: asyncio.Future[Any]) -> None:
