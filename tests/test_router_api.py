@@ -207,9 +207,7 @@ async def test_a_bundle_built_from_the_changed_rows_only_is_the_bundle_built_who
     routers = net_engine.routers
 
     async def desired() -> Any:
-        async with net_engine.db.read() as s:
-            net = await routers._network(s, "zone1-net1")
-            return await routers.desired_bundle(s, net, net.router_version + 1)
+        return await routers.desired_bundle("zone1-net1")
 
     async def same_as_whole() -> None:
         incremental = await desired()

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
+from sqlalchemy.orm import Session
 
 from backend.api.types import EventRecord
 from backend.db.database import Database
@@ -73,8 +74,7 @@ class EventBus:
         self._flush_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        async with self._db.read() as s:
-            last = await s.scalar(select(func.max(Event.id)))
+        last = await self._db.run_read(lambda s: s.scalar(select(func.max(Event.id))))
         self._next_id = (last or 0) + 1
         self._flusher = asyncio.create_task(self._flush_loop(), name="event-flusher")
 
@@ -124,11 +124,11 @@ class EventBus:
     ) -> list[EventRecord]:
         """Persisted events after `since_id`, newest last (at most `limit`)."""
         await self.flush()
-        async with self._db.read() as s:
-            q = select(Event).where(Event.id > since_id)
-            if entity:
-                q = q.where(Event.entity == entity)
-            rows = (await s.scalars(q.order_by(Event.id.desc()).limit(limit))).all()
+        q = select(Event).where(Event.id > since_id)
+        if entity:
+            q = q.where(Event.entity == entity)
+        q = q.order_by(Event.id.desc()).limit(limit)
+        rows = await self._db.run_read(lambda s: s.scalars(q).all())
         return [
             EventRecord(
                 id=r.id,
@@ -165,13 +165,13 @@ class EventBus:
             for e in batch
         ]
 
-        async def work(s: Any) -> None:
-            await s.execute(insert(Event), rows)
+        def work(s: Session) -> None:
+            s.execute(insert(Event), rows)
             if batch[-1].id % 5000 < len(batch):  # prune now and then, not on every flush
-                await s.execute(delete(Event).where(Event.id <= batch[-1].id - KEEP_EVENTS))
+                s.execute(delete(Event).where(Event.id <= batch[-1].id - KEEP_EVENTS))
 
         try:
-            await self._db.write(work)
+            await self._db.run_write(work)
         except Exception:
             log.exception("could not persist %d events", len(batch))
 

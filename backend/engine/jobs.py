@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Table, select, update
+from sqlalchemy import Row, Table, insert, select, update
+from sqlalchemy.orm import Session
 
 from backend.api.types import JobInfo
 from backend.db.database import Database
@@ -147,8 +148,9 @@ class JobRunner:
         if kind not in self._kinds:
             raise InvalidInput("kind", f"unknown job kind {kind!r}")
 
-        async def work(s: Any) -> JobInfo:
-            job = Job(
+        statement = (
+            insert(_JOBS)
+            .values(
                 kind=kind,
                 params=params or {},
                 target_type=target_type,
@@ -156,11 +158,13 @@ class JobRunner:
                 target_name=target_name,
                 state=JobState.QUEUED.value,
             )
-            s.add(job)
-            await s.flush()
-            return job_info(job)
+            .returning(*_JOBS.c)
+        )
 
-        info = await self._db.write(work)
+        def work(s: Session) -> JobInfo:
+            return job_info(s.execute(statement).one())
+
+        info = await self._db.run_write(work)
         self._bus.publish("job", info.id, "created", info.kind, **_event_fields(info))
         self._launch(info)
         return info
@@ -241,30 +245,25 @@ class JobRunner:
 
     async def _update(self, job_id: int, **changes: Any) -> JobInfo:
         """Change a job's row and publish it: one UPDATE ... RETURNING on the table, with no ORM
-        load and flush (a router apply makes four of these, on the engine's loop)."""
+        load and flush (a router apply makes four of these)."""
         statement = update(_JOBS).where(_JOBS.c.id == job_id).values(**changes).returning(*_JOBS.c)
 
-        async def work(s: Any) -> JobInfo:
-            row = (await s.execute(statement)).one_or_none()
+        def work(s: Session) -> JobInfo:
+            row = s.execute(statement).one_or_none()
             if row is None:
                 raise NotFound(f"job {job_id} does not exist")
             return job_info(row)
 
-        info = await self._db.write(work)
+        info = await self._db.run_write(work)
         self._bus.publish("job", job_id, "updated", info.kind, **_event_fields(info))
         return info
 
     async def recover(self) -> list[JobInfo]:
         """On engine start: resume interrupted resumable jobs, fail the others with the reason."""
-        async with self._db.read() as s:
-            rows = (
-                await s.scalars(
-                    select(Job).where(
-                        Job.state.in_([JobState.RUNNING.value, JobState.QUEUED.value])
-                    )
-                )
-            ).all()
-            stale = [job_info(j) for j in rows]
+        unfinished = select(_JOBS).where(
+            _JOBS.c.state.in_([JobState.RUNNING.value, JobState.QUEUED.value])
+        )
+        stale = await self._db.run_read(lambda s: [job_info(r) for r in s.execute(unfinished)])
         out = []
         for info in stale:
             kind = self._kinds.get(info.kind)
@@ -298,19 +297,18 @@ class JobRunner:
         return out
 
     async def get(self, job_id: int) -> JobInfo:
-        async with self._db.read() as s:
-            job = await s.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"job {job_id} does not exist")
-            return job_info(job)
+        statement = select(_JOBS).where(_JOBS.c.id == job_id)
+        row = await self._db.run_read(lambda s: s.execute(statement).one_or_none())
+        if row is None:
+            raise NotFound(f"job {job_id} does not exist")
+        return job_info(row)
 
     async def list(self, *, limit: int = 100, state: str | None = None) -> list[JobInfo]:
-        async with self._db.read() as s:
-            q = select(Job)
-            if state:
-                q = q.where(Job.state == state)
-            rows = (await s.scalars(q.order_by(Job.id.desc()).limit(limit))).all()
-            return [job_info(j) for j in rows]
+        q = select(_JOBS)
+        if state:
+            q = q.where(_JOBS.c.state == state)
+        q = q.order_by(_JOBS.c.id.desc()).limit(limit)
+        return await self._db.run_read(lambda s: [job_info(r) for r in s.execute(q)])
 
     async def cancel(self, job_id: int) -> JobInfo:
         info = await self.get(job_id)
