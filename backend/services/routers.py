@@ -8,16 +8,16 @@ from the database always validates.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Text, select, type_coerce
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from backend.db.models import GuestNetwork, Nic, NicRole, RouterRule, SystemVM, VMState, VpnUser
 from backend.errors import InvalidInput, NotFound, SysvmError, TransportError
@@ -40,10 +40,38 @@ CONFIRM_MARGIN = 2.0
 """Seconds before a confirm window closes after which the engine stops trying to confirm."""
 
 
-def _built_with_digest(build: Callable[[], RouterBundle]) -> RouterBundle:
-    bundle = build()
-    _ = bundle.digest
-    return bundle
+INLINE_RULES = 32
+"""A bundle of at most this many rules is built, encoded and diffed on the event loop (well
+under a millisecond each); a larger one in a thread. A hundred small routers applied at once
+made hundreds of thread hops whose threads then fought the loop for the GIL: its longest
+iterations were mostly waits for the GIL, longer than the work itself."""
+
+T = TypeVar("T")
+
+
+async def _cpu(rules: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, CPU work on a bundle of `rules` rules: inline when small, else in a thread."""
+    if rules <= INLINE_RULES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What a network's desired bundle is made of, as read from the database: everything but
+    the rules (`parts`), each rule row's (type, fields JSON text) by id, and the JSON of the
+    bundle last applied (the start of a cold build)."""
+
+    net_id: int
+    parts: dict[str, Any]
+    stored: dict[int, tuple[str, str]]
+    applied_json: str
+
+    @property
+    def size(self) -> int:
+        """Rules a build may parse: the rows, or the last applied bundle's (a cold build starts
+        from it), reckoned from its length."""
+        return max(len(self.stored), len(self.applied_json) // 256)
 
 
 @dataclass(frozen=True)
@@ -85,38 +113,34 @@ class RouterService:
         self.engine = engine
         # The last bundle built per network id, with the rows it was built from: the next build
         # parses only the rows that changed (the result is the same without it).
+        # Built in threads (`_build`): the lock guards the dictionary, not the builds.
         self._built: OrderedDict[int, _Built] = OrderedDict()
+        self._built_lock = threading.Lock()
         # The last bundle applied per network id: what the router runs, so the next apply can
         # send a patch of it instead of the whole bundle.
         self._applied: OrderedDict[int, RouterBundle] = OrderedDict()
 
-    async def _network(self, s: AsyncSession, name: str) -> GuestNetwork:
-        net = (await s.scalars(select(GuestNetwork).where(GuestNetwork.name == name))).first()
+    def _network(self, s: Session, name: str) -> GuestNetwork:
+        net = s.scalars(select(GuestNetwork).where(GuestNetwork.name == name)).first()
         if net is None:
             raise NotFound(f"no network named {name!r}; `sysvm status` lists them")
         return net
 
-    async def _rows(self, s: AsyncSession, net_id: int) -> tuple[list[RouterRule], list[VpnUser]]:
-        rules = list(
-            (
-                await s.scalars(
-                    select(RouterRule)
-                    .where(RouterRule.network_id == net_id)
-                    .order_by(RouterRule.id)
-                )
+    def _rows(self, s: Session, net_id: int) -> list[RouterRule]:
+        return list(
+            s.scalars(
+                select(RouterRule).where(RouterRule.network_id == net_id).order_by(RouterRule.id)
             ).all()
         )
-        users = list((await s.scalars(select(VpnUser).where(VpnUser.network_id == net_id))).all())
-        return rules, users
 
-    async def _rule_context(
-        self, s: AsyncSession, net: GuestNetwork, without: int | None = None
+    def _rule_context(
+        self, s: Session, net: GuestNetwork, without: int | None = None
     ) -> NetworkContext:
         """What a new or changed rule is checked against: the network's rules (but `without`),
         taken from its desired bundle, which is made from the rows changed since the last one
-        (`desired_bundle`): a rule added to 10,000 is not checked after decoding and parsing
-        all of them again. Read in the caller's transaction, so no other change slips between."""
-        bundle = await self.desired_bundle(s, net, net.router_version + 1)
+        (`_build`): a rule added to 10,000 is not checked after decoding and parsing all of them
+        again. Read in the caller's transaction, so no other change slips between."""
+        bundle = self._build(self._bundle_inputs(s, net), net.router_version + 1)
         return NetworkContext(
             cidr=net.cidr,
             gateway=net.gateway,
@@ -131,15 +155,15 @@ class RouterService:
         if not isinstance(fields, dict):
             raise InvalidInput("fields", "must be an object of rule fields")
 
-        async def work(s: AsyncSession) -> tuple[int, dict[str, Any], int]:
-            net = await self._network(s, network)
-            rule = parse_rule(rule_type, fields, await self._rule_context(s, net))
+        def work(s: Session) -> tuple[int, dict[str, Any], int]:
+            net = self._network(s, network)
+            rule = parse_rule(rule_type, fields, self._rule_context(s, net))
             row = RouterRule(network_id=net.id, type=rule_type, fields=rule.to_fields())
             s.add(row)
-            await s.flush()
+            s.flush()
             return row.id, row.fields, net.id
 
-        rule_id, stored, net_id = await self.engine.db.write(work)
+        rule_id, stored, net_id = await self.engine.db.run_write(work)
         self.engine.bus.publish(
             "router_rule", rule_id, "created", network, type=rule_type, network_id=net_id
         )
@@ -153,71 +177,64 @@ class RouterService:
         if not isinstance(fields, dict):
             raise InvalidInput("fields", "must be an object of rule fields")
 
-        async def work(s: AsyncSession) -> tuple[dict[str, Any], int]:
-            net = await self._network(s, network)
-            row = await s.get(RouterRule, rule_id)
+        def work(s: Session) -> tuple[dict[str, Any], int]:
+            net = self._network(s, network)
+            row = s.get(RouterRule, rule_id)
             if row is None or row.network_id != net.id:
                 raise NotFound(f"network {network} has no rule {rule_id}")
-            context = await self._rule_context(s, net, without=rule_id)
+            context = self._rule_context(s, net, without=rule_id)
             rule = parse_rule(rule_type, fields, context)
             row.type = rule_type
             row.fields = rule.to_fields()
             return row.fields, net.id
 
-        stored, net_id = await self.engine.db.write(work)
+        stored, net_id = await self.engine.db.run_write(work)
         self.engine.bus.publish(
             "router_rule", rule_id, "updated", network, type=rule_type, network_id=net_id
         )
         return {"id": rule_id, "type": rule_type, **stored}
 
     async def delete_rule(self, network: str, rule_id: int) -> dict[str, Any]:
-        async def work(s: AsyncSession) -> int:
-            net = await self._network(s, network)
-            row = await s.get(RouterRule, rule_id)
+        def work(s: Session) -> int:
+            net = self._network(s, network)
+            row = s.get(RouterRule, rule_id)
             if row is None or row.network_id != net.id:
                 raise NotFound(f"network {network} has no rule {rule_id}")
-            await s.delete(row)
+            s.delete(row)
             return net.id
 
-        net_id = await self.engine.db.write(work)
+        net_id = await self.engine.db.run_write(work)
         self.engine.bus.publish("router_rule", rule_id, "deleted", network, network_id=net_id)
         return {"deleted": rule_id}
 
-    async def desired_bundle(
-        self,
-        s: AsyncSession,
-        net: GuestNetwork,
-        version: int,
-        control_sources: tuple[str, ...] | None = None,
-    ) -> RouterBundle:
-        """The whole desired config of the network's router, as one validated bundle
-        (`control_sources`: who may SSH to it, default the whole link-local range)."""
+    def _bundle_inputs(
+        self, s: Session, net: GuestNetwork, control_sources: tuple[str, ...] | None = None
+    ) -> _Inputs:
+        """What the network's desired bundle is made of, read in one transaction
+        (`control_sources`: who may SSH to the router, default the whole link-local range)."""
         # The rules' fields as the JSON text stored: 10,000 rows are not decoded one by one.
-        rows = (
-            await s.execute(
-                select(RouterRule.id, RouterRule.type, type_coerce(RouterRule.fields, Text))
-                .where(RouterRule.network_id == net.id)
-                .order_by(RouterRule.id)
-            )
+        rows = s.execute(
+            select(RouterRule.id, RouterRule.type, type_coerce(RouterRule.fields, Text))
+            .where(RouterRule.network_id == net.id)
+            .order_by(RouterRule.id)
         ).all()
-        users = list((await s.scalars(select(VpnUser).where(VpnUser.network_id == net.id))).all())
-        router = (
-            await s.scalars(
-                select(SystemVM).where(
-                    SystemVM.network_id == net.id, SystemVM.state != VMState.DESTROYED.value
+        users = s.execute(
+            select(VpnUser.username, VpnUser.password).where(VpnUser.network_id == net.id)
+        ).all()
+        control = (
+            s.scalar(
+                select(Nic.ip)
+                .join(SystemVM, Nic.system_vm_id == SystemVM.id)
+                .where(
+                    SystemVM.network_id == net.id,
+                    SystemVM.state != VMState.DESTROYED.value,
+                    Nic.role == NicRole.CONTROL.value,
                 )
+                .order_by(SystemVM.id)
+                .limit(1)
             )
-        ).first()
-        control = ""
-        if router is not None:
-            control = (
-                await s.scalar(
-                    select(Nic.ip).where(
-                        Nic.system_vm_id == router.id, Nic.role == NicRole.CONTROL.value
-                    )
-                )
-                or ""
-            )
+            or ""
+        )
         parts: dict[str, Any] = {
             "network": BundleNetwork(
                 name=net.name, cidr=net.cidr, gateway=net.gateway, vlan=net.vlan
@@ -227,57 +244,67 @@ class RouterService:
                 guest_ip=net.gateway,
                 public_ips=tuple(ip for ip in (net.source_nat_ip,) if ip),
             ),
-            "vpn_users": [{"username": u.username, "password": u.password} for u in users],
+            "vpn_users": [{"username": u, "password": pw} for u, pw in users],
             "default_egress_policy": net.default_egress,
             **({"control_sources": control_sources} if control_sources else {}),
         }
-        stored = {r[0]: (r[1], r[2] or "{}") for r in rows}
-        frame = bundle_text(version=0, rules=(), **parts)
-        built = self._built.get(net.id)
+        return _Inputs(
+            net_id=net.id,
+            parts=parts,
+            stored={r[0]: (r[1], r[2] or "{}") for r in rows},
+            applied_json=net.router_bundle,
+        )
+
+    def _build(self, inputs: _Inputs, version: int) -> RouterBundle:
+        """The desired bundle, validated, as version `version`. CPU work (validating 10,000 rules
+        takes ~1 s cold, ~0.15 s with a previous bundle): through `_cpu`. Only the rows changed
+        since the network's last build are parsed when everything else is the same."""
+        frame = bundle_text(version=0, rules=(), **inputs.parts)
+        with self._built_lock:
+            built = self._built.get(inputs.net_id)
         bundle: RouterBundle | None = None
         if built is not None and built.frame == frame:
-            # Everything but the rules as last built: only the rows that changed are parsed.
-            bundle = await asyncio.to_thread(_with_changed_rows, built, stored, version)
+            bundle = _with_changed_rows(built, inputs.stored, version)
         if bundle is None:
             previous = built.bundle if built is not None else None
-            if previous is None and net.router_bundle:
-                previous = await asyncio.to_thread(RouterBundle.from_json, net.router_bundle)
-            text = functools.partial(
-                bundle_text,
+            if previous is None and inputs.applied_json:
+                previous = RouterBundle.from_json(inputs.applied_json)
+            text = bundle_text(
                 version=version,
-                rules=[(i, t, f) for i, (t, f) in stored.items()],
-                **parts,
+                rules=[(i, t, f) for i, (t, f) in inputs.stored.items()],
+                **inputs.parts,
             )
-
-            def build() -> RouterBundle:
-                return RouterBundle.from_json(text(), previous)
-
-            # Validating 10,000 rules takes ~1 s cold, ~0.15 s with `previous`: not on the loop,
-            # nor is the digest (it computes each new rule's JSON, which to_json then reuses).
-            bundle = await asyncio.to_thread(_built_with_digest, build)
-        self._built[net.id] = _Built(bundle, frame, stored)
-        self._built.move_to_end(net.id)
-        while len(self._built) > BUILT_KEPT:
-            self._built.popitem(last=False)
+            bundle = RouterBundle.from_json(text, previous)
+            _ = bundle.digest  # computes each new rule's JSON, which to_json then reuses
+        with self._built_lock:
+            self._built[inputs.net_id] = _Built(bundle, frame, inputs.stored)
+            self._built.move_to_end(inputs.net_id)
+            while len(self._built) > BUILT_KEPT:
+                self._built.popitem(last=False)
         return bundle
+
+    async def desired_bundle(self, network: str) -> RouterBundle:
+        """The network's desired bundle as its next version would be (read in the database's
+        thread, then built: in a thread of its own when large, see `_cpu`)."""
+
+        def read(s: Session) -> tuple[int, _Inputs]:
+            net = self._network(s, network)
+            return net.router_version + 1, self._bundle_inputs(s, net)
+
+        version, inputs = await self.engine.db.run_read(read)
+        return await _cpu(inputs.size, self._build, inputs, version)
 
     async def require(self, network: str) -> None:
         """NotFound unless the network exists (cheap: its rules are not read)."""
-        async with self.engine.db.read() as s:
-            await self._network(s, network)
+        await self.engine.db.run_read(lambda s: self._network(s, network))
 
     async def show(self, network: str) -> dict[str, Any]:
-        async with self.engine.db.read() as s:
-            net = await self._network(s, network)
-            rows, _users = await self._rows(s, net.id)
-            router = (
-                await s.scalars(
-                    select(SystemVM).where(
-                        SystemVM.network_id == net.id, SystemVM.state != VMState.DESTROYED.value
-                    )
-                )
-            ).first()
-            desired = await self.desired_bundle(s, net, net.router_version + 1)
+        def read(s: Session) -> tuple[GuestNetwork, list[RouterRule], SystemVM | None, _Inputs]:
+            net = self._network(s, network)
+            return net, self._rows(s, net.id), self._router_row(s, net), self._bundle_inputs(s, net)
+
+        net, rows, router, inputs = await self.engine.db.run_read(read)
+        desired = await _cpu(inputs.size, self._build, inputs, net.router_version + 1)
         return {
             "network": net.name,
             "router": router.name if router else None,
@@ -294,9 +321,13 @@ class RouterService:
 
     async def diff(self, network: str) -> dict[str, Any]:
         """What an apply would change: rules added, removed and changed since the last apply."""
-        async with self.engine.db.read() as s:
-            net = await self._network(s, network)
-            desired = await self.desired_bundle(s, net, net.router_version + 1)
+
+        def read(s: Session) -> tuple[GuestNetwork, _Inputs]:
+            net = self._network(s, network)
+            return net, self._bundle_inputs(s, net)
+
+        net, inputs = await self.engine.db.run_read(read)
+        desired = await _cpu(inputs.size, self._build, inputs, net.router_version + 1)
         old = (
             {r["id"]: r for r in json.loads(net.router_bundle)["rules"]}
             if net.router_bundle
@@ -312,14 +343,17 @@ class RouterService:
             "pending": desired.digest != net.router_digest,
         }
 
-    async def _router(self, s: AsyncSession, net: GuestNetwork) -> tuple[SystemVM, tuple[str, int]]:
-        router = (
-            await s.scalars(
-                select(SystemVM).where(
-                    SystemVM.network_id == net.id, SystemVM.state != VMState.DESTROYED.value
-                )
+    def _router_row(self, s: Session, net: GuestNetwork) -> SystemVM | None:
+        return s.scalars(
+            select(SystemVM).where(
+                SystemVM.network_id == net.id, SystemVM.state != VMState.DESTROYED.value
             )
         ).first()
+
+    def _reachable(
+        self, net: GuestNetwork, router: SystemVM | None
+    ) -> tuple[SystemVM, tuple[str, int]]:
+        """The network's router and where to reach it over SSH, or RouterNotReady."""
         if router is None or router.state not in (VMState.RUNNING.value, VMState.STARTING.value):
             raise RouterNotReady(
                 f"{net.name} has no Running router; start a VM on it or restart the network"
@@ -362,12 +396,14 @@ class RouterService:
         new SSH connection, else the router rolls itself back. Returns the router's answer.
         `control_sources` narrows who may SSH to the router (the data-plane tests cut the engine
         off with it to prove the rollback); the next apply without it restores the default."""
-        async with self.engine.db.read() as s:
-            net = await self._network(s, network)
-            router, endpoint = await self._router(s, net)
-            bundle = await self.desired_bundle(
-                s, net, net.router_version + 1, control_sources=control_sources
-            )
+
+        def read(s: Session) -> tuple[GuestNetwork, SystemVM | None, _Inputs]:
+            net = self._network(s, network)
+            return net, self._router_row(s, net), self._bundle_inputs(s, net, control_sources)
+
+        net, router_row, inputs = await self.engine.db.run_read(read)
+        router, endpoint = self._reachable(net, router_row)
+        bundle = await _cpu(inputs.size, self._build, inputs, net.router_version + 1)
         if progress:
             await progress(20, f"applying version {bundle.version} to {router.name}")
         applied_at = asyncio.get_running_loop().time()
@@ -404,14 +440,14 @@ class RouterService:
             net.router_version,
             net.router_digest,
         ):
-            patch = await asyncio.to_thread(bundle_patch, base, bundle)
+            patch = await _cpu(len(bundle.rules), bundle_patch, base, bundle)
             try:
                 return await self._call(router, endpoint, f"{command} --patch", patch)
             except InvalidInput as exc:
                 if exc.field not in ("base", "digest"):
                     raise
                 log.info("%s: %s; sending the whole bundle", router.name, exc.reason)
-        text = await asyncio.to_thread(bundle.to_json)
+        text = await _cpu(len(bundle.rules), bundle.to_json)
         return await self._call(router, endpoint, command, text)
 
     async def _confirm(
@@ -441,10 +477,10 @@ class RouterService:
             pause = min(pause * 2, 2.0)
 
     async def _record(self, net_id: int, bundle: RouterBundle, answer: dict[str, Any]) -> None:
-        text = await asyncio.to_thread(bundle.to_json)  # megabytes for 10,000 rules
+        text = await _cpu(len(bundle.rules), bundle.to_json)  # megabytes for 10,000 rules
 
-        async def work(s: AsyncSession) -> str:
-            net = await s.get(GuestNetwork, net_id)
+        def work(s: Session) -> str:
+            net = s.get(GuestNetwork, net_id)
             assert net is not None
             net.router_version = bundle.version
             net.router_digest = bundle.digest
@@ -455,7 +491,7 @@ class RouterService:
             )
             return net.name
 
-        name = await self.engine.db.write(work)
+        name = await self.engine.db.run_write(work)
         self._applied[net_id] = bundle
         self._applied.move_to_end(net_id)
         while len(self._applied) > BUILT_KEPT:
@@ -466,31 +502,38 @@ class RouterService:
 
     async def push_current(self, network_id: int) -> None:
         """A router that (re)started gets the last applied bundle again before it serves."""
-        async with self.engine.db.read() as s:
-            net = await s.get(GuestNetwork, network_id)
+
+        def read(s: Session) -> tuple[GuestNetwork | None, SystemVM | None]:
+            net = s.get(GuestNetwork, network_id)
+            return net, None if net is None else self._router_row(s, net)
+
+        net, router_row = await self.engine.db.run_read(read)
         if net is None or not net.router_bundle:
             return
-        async with self.engine.db.read() as s:
-            router, endpoint = await self._router(s, net)
+        router, endpoint = self._reachable(net, router_row)
         answer = await self._call(router, endpoint, "sysvm-router boot", net.router_bundle)
         live = str(answer.get("live_digest", ""))
         expected = str(answer.get("expected_live_digest") or live)
         name = net.name
 
-        async def work(s: AsyncSession) -> None:
-            row = await s.get(GuestNetwork, network_id)
+        def work(s: Session) -> None:
+            row = s.get(GuestNetwork, network_id)
             assert row is not None
             row.router_live_digest = live
             row.router_expected_live = expected
 
-        await self.engine.db.write(work)
+        await self.engine.db.run_write(work)
         self.engine.bus.publish("network", network_id, "updated", name, drift=live != expected)
 
     async def check(self, network: str) -> dict[str, Any]:
         """Read back what is live on the router and compare it with what was applied."""
-        async with self.engine.db.read() as s:
-            net = await self._network(s, network)
-            router, endpoint = await self._router(s, net)
+
+        def read(s: Session) -> tuple[GuestNetwork, SystemVM | None]:
+            net = self._network(s, network)
+            return net, self._router_row(s, net)
+
+        net, router_row = await self.engine.db.run_read(read)
+        router, endpoint = self._reachable(net, router_row)
         answer = await self._call(router, endpoint, "sysvm-router check")
         live = str(answer.get("live_digest", ""))
         # The router knows what its applied bundle renders to (paths included) and says whether
@@ -500,13 +543,13 @@ class RouterService:
         )
         expected = str(answer.get("expected_live_digest") or live)
 
-        async def work(s: AsyncSession) -> None:
-            row = await s.get(GuestNetwork, net.id)
+        def work(s: Session) -> None:
+            row = s.get(GuestNetwork, net.id)
             assert row is not None
             row.router_live_digest = live
             row.router_expected_live = expected
 
-        await self.engine.db.write(work)
+        await self.engine.db.run_write(work)
         self.engine.bus.publish("network", net.id, "updated", net.name, drift=drift)
         return {
             "network": net.name,
