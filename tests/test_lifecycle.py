@@ -294,5 +294,28 @@ async def test_surplus_console_proxies_scale_down_after_the_idle_period(
     )
 
 
+async def test_a_pass_reconciles_only_the_zones_with_something_to_do(
+    make_engine: MakeEngine,
+) -> None:
+    """A pass reads every zone in one go and reconciles (on fresh rows, under the zone's lock)
+    only a zone that lacks a system VM or runs more than it needs: a quiet cloud costs one read."""
+    engine = await make_engine(**FAST)
+    await converge_lab(engine, zones=3, hosts=1, networks=0, vms=0)
+    reconciled: list[int] = []
+    reconcile_zone = engine.reconciler.reconcile_zone
+
+    async def spy(zone_id: int) -> None:
+        reconciled.append(zone_id)
+        await reconcile_zone(zone_id)
+
+    engine.reconciler.reconcile_zone = spy  # type: ignore[method-assign]
+    await engine.reconciler.reconcile_once()
+    assert reconciled == [], "every zone has what it needs"
+    engine.reconciler.console_sessions[2] = 45  # load that needs a second proxy in zone2
+    await engine.reconciler.reconcile_once()
+    assert set(reconciled) == {2}
+    assert len(await running(engine, "zone2", "cpvm")) == 2
+
+
 async def _count(coro: Awaitable[list[Any]]) -> int:
     return len(await coro)

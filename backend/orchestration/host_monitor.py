@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from backend.db.models import GuestVM, Host, HostState, SystemVM, VMState, utcnow
 from backend.errors import SysvmError
@@ -24,6 +26,13 @@ log = logging.getLogger(__name__)
 # Consecutive unanswered health checks before a host goes Alert (one slow answer is not a failure).
 MISSES_BEFORE_ALERT = 2
 LIVE = {VMState.RUNNING.value, VMState.STARTING.value, VMState.STOPPING.value}
+
+
+def _to_check(s: Session, ids: set[int]) -> Sequence[Host]:
+    """The hosts among `ids` not in maintenance: one query per round, not one per host."""
+    return s.scalars(
+        select(Host).where(Host.id.in_(ids), Host.state != HostState.MAINTENANCE.value)
+    ).all()
 
 
 def _here_or_named(
@@ -58,17 +67,17 @@ class HostMonitor:
             known = self.engine.hypervisors.known - self._checking
             if not known:
                 continue
-            async with self.engine.db.read() as s:  # one query per round, not one per host
-                hosts = (await s.scalars(select(Host).where(Host.id.in_(known)))).all()
-            for host in hosts:
-                if host.state == HostState.MAINTENANCE.value:
-                    continue
-                # One task per host: a host that hangs never delays the checks of the others.
+            hosts = await self.engine.db.run_read(functools.partial(_to_check, ids=known))
+            # One task per host: a host that hangs never delays the checks of the others. The
+            # checks are spread over the round: a hundred hosts are not all asked at once.
+            spacing = float(self.engine.config["host.ping_interval"]) / max(len(hosts), 1)
+            for i, host in enumerate(hosts):
                 self._checking.add(host.id)
-                asyncio.create_task(self._check_one(host), name=f"ping-host-{host.id}")
+                asyncio.create_task(self._check_one(host, i * spacing), name=f"ping-host-{host.id}")
 
-    async def _check_one(self, host: Host) -> None:
+    async def _check_one(self, host: Host, delay: float = 0.0) -> None:
         try:
+            await asyncio.sleep(delay)
             await self.check(host)
         except Exception:
             log.exception("health check of host %s failed", host.name)

@@ -12,11 +12,11 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from backend.db.models import (
     GuestNetwork,
@@ -39,12 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESTARTABLE = {VMState.STOPPED, VMState.ERROR, VMState.UNKNOWN}
-
-
-@dataclass(frozen=True)
-class ZoneLoad:
-    console_sessions: int = 0
-    active_transfers: int = 0
+UP = {VMState.RUNNING, VMState.STARTING, VMState.MIGRATING}
+ZoneView = tuple[int, dict[SystemVMType, list[SystemVM]]]
+"""A zone's transfers in progress and its system VMs (not destroyed) by type."""
 
 
 def required_cpvms(sessions: int, capacity: int, standby: int) -> int:
@@ -55,6 +52,41 @@ def required_cpvms(sessions: int, capacity: int, standby: int) -> int:
 def required_ssvms(transfers: int, capacity: int) -> int:
     """One secondary storage VM per `capacity` concurrent transfers, at least 1."""
     return max(1, math.ceil(transfers / capacity))
+
+
+def _zones_state(s: Session, zone_id: int | None = None) -> dict[int, ZoneView]:
+    """Every enabled zone's (or only `zone_id`'s) transfers in progress and system VMs."""
+    zones = select(Zone.id).where(Zone.state == ZoneState.ENABLED.value)
+    if zone_id is not None:
+        zones = zones.where(Zone.id == zone_id)
+    out: dict[int, ZoneView] = {z: (0, {}) for z in s.scalars(zones)}
+    in_progress = [TemplateState.DOWNLOAD_IN_PROGRESS.value, TemplateState.UPLOAD_IN_PROGRESS.value]
+    counts = s.execute(
+        select(TemplateTransfer.zone_id, func.count())
+        .where(TemplateTransfer.state.in_(in_progress), TemplateTransfer.zone_id.in_(out))
+        .group_by(TemplateTransfer.zone_id)
+    )
+    for z, n in counts:
+        out[z] = (int(n), out[z][1])
+    vms = s.scalars(
+        select(SystemVM)
+        .where(
+            SystemVM.zone_id.in_(out),
+            SystemVM.type.in_([SystemVMType.SSVM.value, SystemVMType.CPVM.value]),
+            SystemVM.state != VMState.DESTROYED.value,
+        )
+        .order_by(SystemVM.id)
+    )
+    for vm in vms:
+        out[vm.zone_id][1].setdefault(SystemVMType(vm.type), []).append(vm)
+    return out
+
+
+def _has_work(vms: list[SystemVM], wanted: int) -> bool:
+    """Whether `_converge` would act: a VM missing, or more running than wanted."""
+    up = sum(VMState(v.state) in UP for v in vms)
+    running = sum(v.state == VMState.RUNNING.value for v in vms)
+    return up < wanted or running > wanted
 
 
 def _utc(t: datetime) -> datetime:
@@ -102,59 +134,52 @@ class Reconciler:
                 log.exception("reconcile pass failed; the next pass retries")
 
     async def reconcile_once(self) -> None:
-        async with self.engine.db.read() as s:
-            zone_ids = list(
-                (
-                    await s.scalars(select(Zone.id).where(Zone.state == ZoneState.ENABLED.value))
-                ).all()
-            )
+        """One pass: every enabled zone's system VMs and transfers are read in one go; only a
+        zone with something to do (a VM missing, or more running than needed) is reconciled, on
+        fresh rows, under its lock. A pass over a quiet cloud costs one trip to the database."""
+        zones = await self.engine.db.run_read(_zones_state)
         limit = asyncio.Semaphore(16)
 
         async def one(zone_id: int) -> None:
             async with limit:
                 await self.reconcile_zone(zone_id)
 
-        await asyncio.gather(*(one(z) for z in zone_ids))
+        busy = []
+        for zone_id, (transfers, vms) in zones.items():
+            wanted = self._wanted(zone_id, transfers)
+            if any(_has_work(vms.get(t, []), n) for t, n in wanted.items()):
+                busy.append(one(zone_id))
+            else:
+                for t in wanted:
+                    self._surplus_since.pop((zone_id, t.value), None)
+        await asyncio.gather(*busy)
         await self.reconcile_routers()
         self.passes += 1
 
-    async def _load(self, zone_id: int) -> ZoneLoad:
-        async with self.engine.db.read() as s:
-            transfers = await s.scalar(
-                select(func.count())
-                .select_from(TemplateTransfer)
-                .where(
-                    TemplateTransfer.zone_id == zone_id,
-                    TemplateTransfer.state.in_(
-                        [
-                            TemplateState.DOWNLOAD_IN_PROGRESS.value,
-                            TemplateState.UPLOAD_IN_PROGRESS.value,
-                        ]
-                    ),
-                )
-            )
-        return ZoneLoad(self.console_sessions.get(zone_id, 0), int(transfers or 0))
+    def _wanted(self, zone_id: int, transfers: int) -> dict[SystemVMType, int]:
+        cfg = self.engine.config
+        return {
+            SystemVMType.SSVM: required_ssvms(transfers, int(cfg["ssvm.capacity"])),
+            SystemVMType.CPVM: required_cpvms(
+                self.console_sessions.get(zone_id, 0),
+                int(cfg["cpvm.capacity"]),
+                int(cfg["cpvm.standby"]),
+            ),
+        }
 
     async def reconcile_zone(self, zone_id: int) -> None:
         async with self._zone_locks.setdefault(zone_id, asyncio.Lock()):
-            load = await self._load(zone_id)
-            cfg = self.engine.config
-            wanted = {
-                SystemVMType.SSVM: required_ssvms(load.active_transfers, int(cfg["ssvm.capacity"])),
-                SystemVMType.CPVM: required_cpvms(
-                    load.console_sessions, int(cfg["cpvm.capacity"]), int(cfg["cpvm.standby"])
-                ),
-            }
-            await asyncio.gather(*(self._converge(zone_id, t, n) for t, n in wanted.items()))
+            zones = await self.engine.db.run_read(lambda s: _zones_state(s, zone_id))
+            transfers, vms = zones.get(zone_id, (0, {}))
+            wanted = self._wanted(zone_id, transfers)
+            await asyncio.gather(
+                *(self._converge(zone_id, t, n, vms.get(t, [])) for t, n in wanted.items())
+            )
 
-    async def _converge(self, zone_id: int, vm_type: SystemVMType, wanted: int) -> None:
-        svc = self.engine.system_vms
-        vms = await svc.running_in_zone(zone_id, vm_type)
-        up = [
-            v
-            for v in vms
-            if VMState(v.state) in {VMState.RUNNING, VMState.STARTING, VMState.MIGRATING}
-        ]
+    async def _converge(
+        self, zone_id: int, vm_type: SystemVMType, wanted: int, vms: list[SystemVM]
+    ) -> None:
+        up = [v for v in vms if VMState(v.state) in UP]
         down = [v for v in vms if VMState(v.state) in RESTARTABLE]
         missing = wanted - len(up)
         work = []
@@ -232,28 +257,28 @@ class Reconciler:
         `network.gc.wait` seconds."""
         gc_wait = float(self.engine.config["network.gc.wait"])
         now = datetime.now(UTC)
-        async with self.engine.db.read() as s:
-            nets = (await s.scalars(select(GuestNetwork))).all()
+
+        def read(s: Session) -> tuple[list[GuestNetwork], set[int], dict[int | None, SystemVM]]:
+            nets = list(s.scalars(select(GuestNetwork)).all())
             active = set(
-                (
-                    await s.scalars(
-                        select(GuestVM.network_id)
-                        .where(GuestVM.state.in_([VMState.RUNNING.value, VMState.STARTING.value]))
-                        .distinct()
-                    )
+                s.scalars(
+                    select(GuestVM.network_id)
+                    .where(GuestVM.state.in_([VMState.RUNNING.value, VMState.STARTING.value]))
+                    .distinct()
                 ).all()
             )
             routers = {
                 r.network_id: r
-                for r in (
-                    await s.scalars(
-                        select(SystemVM).where(
-                            SystemVM.type == SystemVMType.ROUTER.value,
-                            SystemVM.state != VMState.DESTROYED.value,
-                        )
+                for r in s.scalars(
+                    select(SystemVM).where(
+                        SystemVM.type == SystemVMType.ROUTER.value,
+                        SystemVM.state != VMState.DESTROYED.value,
                     )
                 ).all()
             }
+            return nets, active, routers
+
+        nets, active, routers = await self.engine.db.run_read(read)
         work = []
         for net in nets:
             router = routers.get(net.id)

@@ -503,20 +503,6 @@ class SystemVMService:
             fields["last_error"] = extra["last_error"]
         self.engine.bus.publish("system_vm", vm.id, "updated", vm.name, **fields)
 
-    async def running_in_zone(self, zone_id: int, vm_type: SystemVMType) -> list[SystemVM]:
-        async with self.engine.db.read() as s:
-            return list(
-                (
-                    await s.scalars(
-                        select(SystemVM).where(
-                            SystemVM.zone_id == zone_id,
-                            SystemVM.type == vm_type.value,
-                            SystemVM.state != VMState.DESTROYED.value,
-                        )
-                    )
-                ).all()
-            )
-
     async def ensure_router(self, network_id: int) -> int:
         """The network's router exists and runs (created on the network's first VM start)."""
         async with self._network_locks.setdefault(network_id, asyncio.Lock()):
