@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Table, insert, select, update
+from sqlalchemy import Row, Table, Update, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from backend.api.types import JobInfo
@@ -27,6 +28,9 @@ from backend.errors import Conflict, InvalidInput, NotFound, SysvmError
 log = logging.getLogger(__name__)
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
+# Statements made once: one used again is not analysed again (see `_update_statement`).
+_INSERT = insert(_JOBS).returning(*_JOBS.c)
+_SELECT_ONE = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
 
 
 def job_info(job: Job | Row[Any]) -> JobInfo:
@@ -148,21 +152,17 @@ class JobRunner:
         if kind not in self._kinds:
             raise InvalidInput("kind", f"unknown job kind {kind!r}")
 
-        statement = (
-            insert(_JOBS)
-            .values(
-                kind=kind,
-                params=params or {},
-                target_type=target_type,
-                target_id=target_id,
-                target_name=target_name,
-                state=JobState.QUEUED.value,
-            )
-            .returning(*_JOBS.c)
-        )
+        values = {
+            "kind": kind,
+            "params": params or {},
+            "target_type": target_type,
+            "target_id": target_id,
+            "target_name": target_name,
+            "state": JobState.QUEUED.value,
+        }
 
         def work(s: Session) -> JobInfo:
-            return job_info(s.execute(statement).one())
+            return job_info(s.connection().execute(_INSERT, values).one())
 
         info = await self._db.run_write(work)
         self._bus.publish("job", info.id, "created", info.kind, **_event_fields(info))
@@ -246,10 +246,11 @@ class JobRunner:
     async def _update(self, job_id: int, **changes: Any) -> JobInfo:
         """Change a job's row and publish it: one UPDATE ... RETURNING on the table, with no ORM
         load and flush (a router apply makes four of these)."""
-        statement = update(_JOBS).where(_JOBS.c.id == job_id).values(**changes).returning(*_JOBS.c)
+        statement = _update_statement(frozenset(changes))
+        values = {**changes, "job_id": job_id}
 
         def work(s: Session) -> JobInfo:
-            row = s.execute(statement).one_or_none()
+            row = s.connection().execute(statement, values).one_or_none()
             if row is None:
                 raise NotFound(f"job {job_id} does not exist")
             return job_info(row)
@@ -297,8 +298,10 @@ class JobRunner:
         return out
 
     async def get(self, job_id: int) -> JobInfo:
-        statement = select(_JOBS).where(_JOBS.c.id == job_id)
-        row = await self._db.run_read(lambda s: s.execute(statement).one_or_none())
+        values = {"job_id": job_id}
+        row = await self._db.run_read(
+            lambda s: s.connection().execute(_SELECT_ONE, values).one_or_none()
+        )
         if row is None:
             raise NotFound(f"job {job_id} does not exist")
         return job_info(row)
@@ -340,6 +343,19 @@ class JobRunner:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@functools.cache
+def _update_statement(columns: frozenset[str]) -> Update:
+    """UPDATE ... RETURNING of these columns of one job (bound as `job_id`), made once per set
+    of columns: a statement used again is not analysed again (its cache key is kept), which was
+    most of the ~1 ms a job update cost in the database's thread."""
+    return (
+        update(_JOBS)
+        .where(_JOBS.c.id == bindparam("job_id"))
+        .values({c: bindparam(c) for c in sorted(columns)})
+        .returning(*_JOBS.c)
+    )
 
 
 def _event_fields(info: JobInfo) -> dict[str, Any]:
