@@ -8,6 +8,7 @@ from the database always validates.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -16,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Text, select, type_coerce
-from sqlalchemy.orm import Session
+from sqlalchemy import Text, select, type_coerce, update
+from sqlalchemy.orm import Session, defer
 
 from backend.db.models import GuestNetwork, Nic, NicRole, RouterRule, SystemVM, VMState, VpnUser
 from backend.errors import InvalidInput, NotFound, SysvmError, TransportError
@@ -104,6 +105,26 @@ def _with_changed_rows(
     return bundle
 
 
+def _set_live(s: Session, net_id: int, live: str, expected: str) -> None:
+    """Record what a router reported live, and what its applied bundle renders to."""
+    s.execute(
+        update(GuestNetwork)
+        .where(GuestNetwork.id == net_id)
+        .values(router_live_digest=live, router_expected_live=expected)
+    )
+
+
+def _rule_changes(applied_json: str, desired: RouterBundle) -> dict[str, list[Any]]:
+    """The rules added, removed and changed from the applied bundle's text to `desired`."""
+    old = {r["id"]: r for r in json.loads(applied_json)["rules"]} if applied_json else {}
+    new = {r["id"]: r for r in json.loads(desired.to_json())["rules"]}
+    return {
+        "added": [new[i] for i in sorted(new.keys() - old.keys())],
+        "removed": [old[i] for i in sorted(old.keys() - new.keys())],
+        "changed": [new[i] for i in sorted(new.keys() & old.keys()) if new[i] != old[i]],
+    }
+
+
 class RouterNotReady(SysvmError):
     """The network's router is not Running (or its agent does not answer)."""
 
@@ -121,7 +142,13 @@ class RouterService:
         self._applied: OrderedDict[int, RouterBundle] = OrderedDict()
 
     def _network(self, s: Session, name: str) -> GuestNetwork:
-        net = s.scalars(select(GuestNetwork).where(GuestNetwork.name == name)).first()
+        """The network named `name`, without the text of its last applied bundle (megabytes
+        for 10,000 rules; `_bundle_inputs` reads it when a build needs it)."""
+        net = s.scalars(
+            select(GuestNetwork)
+            .where(GuestNetwork.name == name)
+            .options(defer(GuestNetwork.router_bundle, raiseload=True))
+        ).first()
         if net is None:
             raise NotFound(f"no network named {name!r}; `sysvm status` lists them")
         return net
@@ -208,10 +235,17 @@ class RouterService:
         return {"deleted": rule_id}
 
     def _bundle_inputs(
-        self, s: Session, net: GuestNetwork, control_sources: tuple[str, ...] | None = None
+        self,
+        s: Session,
+        net: GuestNetwork,
+        control_sources: tuple[str, ...] | None = None,
+        *,
+        applied: bool = False,
     ) -> _Inputs:
         """What the network's desired bundle is made of, read in one transaction
-        (`control_sources`: who may SSH to the router, default the whole link-local range)."""
+        (`control_sources`: who may SSH to the router, default the whole link-local range).
+        The last applied bundle's text is read when asked (`applied`) or when no build of the
+        network is kept (a cold build starts from it)."""
         # The rules' fields as the JSON text stored: 10,000 rows are not decoded one by one.
         rows = s.execute(
             select(RouterRule.id, RouterRule.type, type_coerce(RouterRule.fields, Text))
@@ -248,11 +282,18 @@ class RouterService:
             "default_egress_policy": net.default_egress,
             **({"control_sources": control_sources} if control_sources else {}),
         }
+        with self._built_lock:
+            cold = net.id not in self._built
+        applied_json = ""
+        if applied or cold:
+            applied_json = (
+                s.scalar(select(GuestNetwork.router_bundle).where(GuestNetwork.id == net.id)) or ""
+            )
         return _Inputs(
             net_id=net.id,
             parts=parts,
             stored={r[0]: (r[1], r[2] or "{}") for r in rows},
-            applied_json=net.router_bundle,
+            applied_json=applied_json,
         )
 
     def _build(self, inputs: _Inputs, version: int) -> RouterBundle:
@@ -324,22 +365,15 @@ class RouterService:
 
         def read(s: Session) -> tuple[GuestNetwork, _Inputs]:
             net = self._network(s, network)
-            return net, self._bundle_inputs(s, net)
+            return net, self._bundle_inputs(s, net, applied=True)
 
         net, inputs = await self.engine.db.run_read(read)
         desired = await _cpu(inputs.size, self._build, inputs, net.router_version + 1)
-        old = (
-            {r["id"]: r for r in json.loads(net.router_bundle)["rules"]}
-            if net.router_bundle
-            else {}
-        )
-        new = {r["id"]: r for r in json.loads(desired.to_json())["rules"]}
+        changes = await _cpu(inputs.size, _rule_changes, inputs.applied_json, desired)
         return {
             "network": network,
             "from_version": net.router_version,
-            "added": [new[i] for i in sorted(new.keys() - old.keys())],
-            "removed": [old[i] for i in sorted(old.keys() - new.keys())],
-            "changed": [new[i] for i in sorted(new.keys() & old.keys()) if new[i] != old[i]],
+            **changes,
             "pending": desired.digest != net.router_digest,
         }
 
@@ -479,17 +513,22 @@ class RouterService:
     async def _record(self, net_id: int, bundle: RouterBundle, answer: dict[str, Any]) -> None:
         text = await _cpu(len(bundle.rules), bundle.to_json)  # megabytes for 10,000 rules
 
-        def work(s: Session) -> str:
-            net = s.get(GuestNetwork, net_id)
-            assert net is not None
-            net.router_version = bundle.version
-            net.router_digest = bundle.digest
-            net.router_bundle = text
-            net.router_live_digest = str(answer.get("live_digest", ""))
-            net.router_expected_live = str(
-                answer.get("expected_live_digest") or net.router_live_digest
+        live = str(answer.get("live_digest", ""))
+        statement = (
+            update(GuestNetwork)
+            .where(GuestNetwork.id == net_id)
+            .values(
+                router_version=bundle.version,
+                router_digest=bundle.digest,
+                router_bundle=text,
+                router_live_digest=live,
+                router_expected_live=str(answer.get("expected_live_digest") or live),
             )
-            return net.name
+            .returning(GuestNetwork.name)
+        )
+
+        def work(s: Session) -> str:
+            return str(s.execute(statement).scalar_one())
 
         name = await self.engine.db.run_write(work)
         self._applied[net_id] = bundle
@@ -516,13 +555,9 @@ class RouterService:
         expected = str(answer.get("expected_live_digest") or live)
         name = net.name
 
-        def work(s: Session) -> None:
-            row = s.get(GuestNetwork, network_id)
-            assert row is not None
-            row.router_live_digest = live
-            row.router_expected_live = expected
-
-        await self.engine.db.run_write(work)
+        await self.engine.db.run_write(
+            functools.partial(_set_live, net_id=network_id, live=live, expected=expected)
+        )
         self.engine.bus.publish("network", network_id, "updated", name, drift=live != expected)
 
     async def check(self, network: str) -> dict[str, Any]:
@@ -543,13 +578,9 @@ class RouterService:
         )
         expected = str(answer.get("expected_live_digest") or live)
 
-        def work(s: Session) -> None:
-            row = s.get(GuestNetwork, net.id)
-            assert row is not None
-            row.router_live_digest = live
-            row.router_expected_live = expected
-
-        await self.engine.db.run_write(work)
+        await self.engine.db.run_write(
+            functools.partial(_set_live, net_id=net.id, live=live, expected=expected)
+        )
         self.engine.bus.publish("network", net.id, "updated", net.name, drift=drift)
         return {
             "network": net.name,
