@@ -3,10 +3,11 @@
 With `trace_over_ms`, a watchdog thread also samples the loop thread's stack whenever the
 loop has not woken for that long (and where the other threads were), collections of the
 garbage collector are timed, and so are the loop's iterations: one that ran that long after its
-poll returned, with its CPU time and how many callbacks it ran (a burst of ready callbacks
-shows as many callbacks and CPU close to the wall time; waiting for the GIL or a CPU, as CPU
-far below it). That is how the causes of stalls are found. A stall in which the
-watchdog got no sample at all was one thread holding the GIL throughout (a collection, a C call).
+poll returned, with its CPU time, its time waiting for a CPU, how many callbacks it ran and
+whose they were (a burst of ready callbacks shows as many callbacks and CPU close to the wall
+time; waiting for a CPU as that wait; what is left is mostly waiting for the GIL). That is how
+the causes of stalls are found. A stall in which the watchdog got no sample at all was one
+thread holding the GIL throughout (a collection, a C call).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import re
 import statistics
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 
 class LoopLag:
@@ -37,7 +39,9 @@ class LoopLag:
         self._beat = time.perf_counter()
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self.iterations: list[tuple[float, float, int]] = []  # (wall ms, CPU ms, callbacks)
+        # (wall ms, CPU ms, ms waiting for a CPU, callbacks, the three owners of callbacks that
+        # used most CPU)
+        self.iterations: list[tuple[float, float, float, int, str]] = []
         self._untime: Callable[[], None] | None = None
 
     async def _run(self) -> None:
@@ -81,7 +85,7 @@ class LoopLag:
                 " | ".join(
                     f"{_thread_name(ident)}: {_where(f)}"
                     for ident, f in frames.items()
-                    if ident != threading.get_ident() and "_worker" not in _where(f)
+                    if ident != threading.get_ident() and not _idle_worker(f)
                 )
             )
 
@@ -105,24 +109,41 @@ class LoopLag:
         poll, run_once = selector.select, loop._run_once  # type: ignore[attr-defined]
         handle_run = asyncio.events.Handle._run
         me = threading.get_ident()
-        polled = [0.0, 0.0, 0]  # perf_counter and thread_time after the poll, callbacks run
+        # perf_counter, thread_time and run queue wait after the poll, callbacks run
+        polled: list[float] = [0.0, 0.0, 0.0, 0]
+        by_owner: collections.defaultdict[str, float] = collections.defaultdict(float)  # CPU ms
+        slowest: list[Any] = [0.0, ""]  # the callback that took longest (wall), and whose
 
         def timed_poll(timeout: float | None = None) -> object:
             events = poll(timeout)
-            polled[:] = [time.perf_counter(), time.thread_time(), 0]
+            polled[:] = [time.perf_counter(), time.thread_time(), _queued(), 0]
+            by_owner.clear()
+            slowest[:] = [0.0, ""]
             return events
 
         def counted_run(handle: asyncio.Handle) -> None:
-            if threading.get_ident() == me:
-                polled[2] += 1
+            if threading.get_ident() != me:
+                handle_run(handle)
+                return
+            polled[3] += 1
+            started, wall = time.thread_time(), time.perf_counter()
             handle_run(handle)
+            by_owner[_owner(handle)] += (time.thread_time() - started) * 1000
+            if (took := time.perf_counter() - wall) > slowest[0]:
+                slowest[:] = [took, _owner(handle)]
 
         def timed_run_once() -> None:
             polled[0] = 0.0
             run_once()
             if polled[0] and (took := time.perf_counter() - polled[0]) >= limit:
                 cpu = time.thread_time() - polled[1]
-                self.iterations.append((took * 1000, cpu * 1000, int(polled[2])))
+                queued = _queued() - polled[2]
+                most = sorted(by_owner.items(), key=lambda kv: -kv[1])[:3]
+                owners = ", ".join(f"{n} {ms:.1f}" for n, ms in most)
+                owners += f"; longest callback {slowest[0] * 1000:.1f} ms ({slowest[1]})"
+                self.iterations.append(
+                    (took * 1000, cpu * 1000, queued * 1000, int(polled[3]), owners)
+                )
 
         selector.select, loop._run_once = timed_poll, timed_run_once  # type: ignore[attr-defined]
         asyncio.events.Handle._run = counted_run  # type: ignore[method-assign,assignment]
@@ -161,10 +182,43 @@ class LoopLag:
             # The watchdog needs the GIL too: a long gap means it was starved, not how long
             # the loop was late (the JSON figures say that).
             print(f"---- watchdog gap ~{ms:.0f} ms, samples:", *seen, sep="\n  ", file=out)
-        for ms, cpu, ran in sorted(self.iterations, reverse=True)[:10]:
-            print(f"---- loop iteration: {ms:.1f} ms ({cpu:.1f} CPU), {ran} callbacks", file=out)
+        for ms, cpu, queued, ran, owners in sorted(self.iterations, reverse=True)[:10]:
+            print(
+                f"---- loop iteration: {ms:.1f} ms ({cpu:.1f} CPU, {queued:.1f} waiting for a "
+                f"CPU), {ran} callbacks; most CPU (ms): {owners}",
+                file=out,
+            )
         for generation, ms, cpu, thread in self.gc_pauses:
             print(f"---- gc of generation {generation}: {ms} ms ({cpu} CPU) on {thread}", file=out)
+
+
+def _queued() -> float:
+    """Seconds this thread has waited on a run queue (runnable, no CPU free), from Linux's
+    schedstat; 0 where that is not available."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _owner(handle: asyncio.Handle) -> str:
+    """Who a callback works for: its task's name without numbers (ping-host-#), or the
+    callback's own name."""
+    callback = handle._callback  # type: ignore[attr-defined]
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", "") or task.get_name()
+        return "task " + re.sub(r"\d+", "#", name)
+    return re.sub(r"\d+", "#", getattr(callback, "__qualname__", repr(callback)))
+
+
+def _idle_worker(frame: object) -> bool:
+    """An executor's or aiosqlite's thread waiting for work (its innermost Python frame is its
+    loop); a busy one is shown."""
+    innermost = _where(frame).split(" < ", 1)[0]
+    return innermost.endswith((" _worker", " _connection_worker_thread"))
 
 
 def _thread_name(ident: int) -> str:
