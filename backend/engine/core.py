@@ -7,6 +7,7 @@ over websockets. One engine runs per SYSVM_HOME (see `backend.engine.daemon`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -390,8 +391,7 @@ class Engine:
 
     async def status(self) -> StatusTree:
         self._live()
-        async with self.db.read() as s:
-            return await status_tree(s)
+        return await self.db.run_read(status_tree)
 
     async def config_show(self) -> list[dict[str, Any]]:
         return self.config.describe()
@@ -451,12 +451,10 @@ class Engine:
 
     async def system_vms_list(self, zone: str | None = None) -> list[dict[str, Any]]:
         self._live()
-        async with self.db.read() as s:
-            return await system_vm_details(s, zone=zone)
+        return await self.db.run_read(functools.partial(system_vm_details, zone=zone))
 
     async def system_vm(self, name: str) -> dict[str, Any]:
-        async with self.db.read() as s:
-            found = await system_vm_details(s, name=name)
+        found = await self.db.run_read(functools.partial(system_vm_details, name=name))
         if not found:
             raise NotFound(f"no system VM named {name!r}; `sysvm systemvm list` shows them")
         return found[0]

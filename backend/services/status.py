@@ -6,8 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, defer, selectinload
 
 from backend.api.types import (
     GuestVMNode,
@@ -30,25 +29,28 @@ from backend.db.models import (
 )
 
 
-async def status_tree(s: AsyncSession) -> StatusTree:
-    """Everything not Destroyed, in a handful of queries whatever the size of the cloud."""
-    zones = (await s.scalars(select(Zone).order_by(Zone.id))).all()
-    hosts = (await s.scalars(select(Host).order_by(Host.id))).all()
+def status_tree(s: Session) -> StatusTree:
+    """Everything not Destroyed, in a handful of queries whatever the size of the cloud (a unit
+    of work for `Database.run_read`: the rows of a big cloud are made into objects off the
+    event loop)."""
+    zones = s.scalars(select(Zone).order_by(Zone.id)).all()
+    hosts = s.scalars(select(Host).order_by(Host.id)).all()
     host_names = {h.id: h.name for h in hosts}
-    svms = (
-        await s.scalars(
-            select(SystemVM).where(SystemVM.state != VMState.DESTROYED.value).order_by(SystemVM.id)
-        )
+    svms = s.scalars(
+        select(SystemVM).where(SystemVM.state != VMState.DESTROYED.value).order_by(SystemVM.id)
     ).all()
-    nets = (await s.scalars(select(GuestNetwork).order_by(GuestNetwork.id))).all()
-    gvms = (
-        await s.scalars(
-            select(GuestVM).where(GuestVM.state != VMState.DESTROYED.value).order_by(GuestVM.id)
-        )
+    # without each network's last applied bundle (megabytes for 10,000 rules)
+    nets = s.scalars(
+        select(GuestNetwork)
+        .options(defer(GuestNetwork.router_bundle, raiseload=True))
+        .order_by(GuestNetwork.id)
+    ).all()
+    gvms = s.scalars(
+        select(GuestVM).where(GuestVM.state != VMState.DESTROYED.value).order_by(GuestVM.id)
     ).all()
     control_ip: dict[int, str] = {}
     guest_ip: dict[int, str] = {}
-    for nic in (await s.scalars(select(Nic))).all():
+    for nic in s.scalars(select(Nic)).all():
         if nic.system_vm_id is not None and nic.role == NicRole.CONTROL.value:
             control_ip[nic.system_vm_id] = nic.ip
         elif nic.guest_vm_id is not None and nic.device_id == 0:
@@ -121,10 +123,11 @@ def count_objects(tree: StatusTree) -> dict[str, Any]:
     }
 
 
-async def system_vm_details(
-    s: AsyncSession, *, zone: str | None = None, name: str | None = None
+def system_vm_details(
+    s: Session, *, zone: str | None = None, name: str | None = None
 ) -> list[dict[str, Any]]:
-    """System VMs (not Destroyed) with everything an operator looks at: host, NICs, boot args."""
+    """System VMs (not Destroyed) with everything an operator looks at: host, NICs, boot args
+    (a unit of work for `Database.run_read`)."""
     q = (
         select(SystemVM, Zone.name, Host.name)
         .join(Zone, Zone.id == SystemVM.zone_id)
@@ -137,9 +140,9 @@ async def system_vm_details(
         q = q.where(Zone.name == zone)
     if name is not None:
         q = q.where(SystemVM.name == name)
-    nets = {n.id: n.name for n in (await s.scalars(select(GuestNetwork))).all()}
+    nets = {i: n for i, n in s.execute(select(GuestNetwork.id, GuestNetwork.name)).all()}
     out = []
-    for vm, zone_name, host_name in (await s.execute(q)).all():
+    for vm, zone_name, host_name in s.execute(q).all():
         out.append(
             {
                 "id": vm.id,
