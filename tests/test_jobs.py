@@ -172,3 +172,32 @@ async def test_runner_says_when_no_job_has_run_for_a_while(tmp_path: Path) -> No
     assert idle == [0]
     await bus.stop()
     await db.close()
+
+
+async def test_a_job_read_back_without_the_database_is_the_job_the_database_holds(
+    tmp_path: Path,
+) -> None:
+    """The runner answers `get` of a job it wrote from what it wrote (waiting for a job needs
+    no read); that answer is exactly what reading the row gives, whatever the job went through
+    (timestamps, progress, bytes, result)."""
+    db, bus, runner = await _runner(tmp_path / "db")
+
+    async def work(ctx: JobContext) -> dict[str, Any]:
+        await ctx.progress(40, message="halfway", bytes_done=4, bytes_total=10)
+        return {"answer": [1, 2], "text": "done"}
+
+    async def fails(ctx: JobContext) -> None:
+        raise Conflict("it could not")
+
+    runner.register(JobKind("demo", work, resumable=True))
+    runner.register(JobKind("bad", fails, resumable=False))
+    jobs = [await runner.submit("demo", {"n": 1}, target_type="network", target_name="net1")]
+    jobs.append(await runner.submit("bad"))
+    remembered = [await runner.wait(j.id, 5) for j in jobs]
+    runner._written.clear()  # as for a job this runner did not write
+    read = [await runner.get(j.id) for j in jobs]
+    await bus.stop()
+    await db.close()
+    assert remembered == read
+    assert read[0].state == "succeeded" and read[0].result == {"answer": [1, 2], "text": "done"}
+    assert read[1].state == "failed" and read[1].error == "it could not"

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,8 @@ from backend.errors import Conflict, InvalidInput, NotFound, SysvmError
 log = logging.getLogger(__name__)
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
+WRITTEN_KEPT = 1024
+"""Jobs whose last written state the runner keeps (see `JobRunner._written`)."""
 # Statements made once: one used again is not analysed again (see `_update_statement`).
 _INSERT = insert(_JOBS).returning(*_JOBS.c)
 _SELECT_ONE = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
@@ -132,6 +135,9 @@ class JobRunner:
         self._kinds: dict[str, JobKind] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._done: dict[int, asyncio.Event] = {}
+        # Each job this runner wrote last, as written (RETURNING): only the runner writes jobs,
+        # so `get` of a recent job needs no read (waiting for a job ends with one).
+        self._written: OrderedDict[int, JobInfo] = OrderedDict()
         self._stopping = False
         self._on_idle = on_idle
         self._idle_after = idle_after
@@ -164,7 +170,7 @@ class JobRunner:
         def work(s: Session) -> JobInfo:
             return job_info(s.connection().execute(_INSERT, values).one())
 
-        info = await self._db.run_write(work)
+        info = self._wrote(await self._db.run_write(work))
         self._bus.publish("job", info.id, "created", info.kind, **_event_fields(info))
         self._launch(info)
         return info
@@ -255,8 +261,15 @@ class JobRunner:
                 raise NotFound(f"job {job_id} does not exist")
             return job_info(row)
 
-        info = await self._db.run_write(work)
+        info = self._wrote(await self._db.run_write(work))
         self._bus.publish("job", job_id, "updated", info.kind, **_event_fields(info))
+        return info
+
+    def _wrote(self, info: JobInfo) -> JobInfo:
+        self._written[info.id] = info
+        self._written.move_to_end(info.id)
+        while len(self._written) > WRITTEN_KEPT:
+            self._written.popitem(last=False)
         return info
 
     async def recover(self) -> list[JobInfo]:
@@ -298,6 +311,8 @@ class JobRunner:
         return out
 
     async def get(self, job_id: int) -> JobInfo:
+        if (written := self._written.get(job_id)) is not None:
+            return written
         values = {"job_id": job_id}
         row = await self._db.run_read(
             lambda s: s.connection().execute(_SELECT_ONE, values).one_or_none()
