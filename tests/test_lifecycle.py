@@ -9,8 +9,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from backend.api.types import EventRecord
+from backend.db.models import Zone, ZoneState
 from backend.engine.core import Engine
 from backend.errors import Conflict, InvalidInput, NotFound
 from backend.orchestration.reconciler import required_cpvms, required_ssvms
@@ -315,6 +318,20 @@ async def test_a_pass_reconciles_only_the_zones_with_something_to_do(
     await engine.reconciler.reconcile_once()
     assert set(reconciled) == {2}
     assert len(await running(engine, "zone2", "cpvm")) == 2
+
+
+async def test_a_disabled_zone_gets_no_system_vms(make_engine: MakeEngine) -> None:
+    engine = await make_engine(**FAST)
+    await converge_lab(engine, zones=2, hosts=1, networks=0, vms=0)
+
+    def disable(s: Session) -> None:
+        s.execute(update(Zone).where(Zone.name == "zone2").values(state=ZoneState.DISABLED.value))
+
+    await engine.db.run_write(disable)
+    engine.reconciler.console_sessions[2] = 45  # load that would need a second proxy
+    await engine.reconciler.reconcile_zone(2)
+    await engine.reconciler.reconcile_once()
+    assert len(await running(engine, "zone2", "cpvm")) == 1
 
 
 async def _count(coro: Awaitable[list[Any]]) -> int:

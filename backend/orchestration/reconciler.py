@@ -168,9 +168,12 @@ class Reconciler:
         }
 
     async def reconcile_zone(self, zone_id: int) -> None:
+        """Bring an enabled zone to the system VMs its load needs (a disabled one is left)."""
         async with self._zone_locks.setdefault(zone_id, asyncio.Lock()):
             zones = await self.engine.db.run_read(lambda s: _zones_state(s, zone_id))
-            transfers, vms = zones.get(zone_id, (0, {}))
+            if zone_id not in zones:
+                return  # disabled or gone: nothing is started there
+            transfers, vms = zones[zone_id]
             wanted = self._wanted(zone_id, transfers)
             await asyncio.gather(
                 *(self._converge(zone_id, t, n, vms.get(t, [])) for t, n in wanted.items())
