@@ -334,5 +334,24 @@ async def test_a_disabled_zone_gets_no_system_vms(make_engine: MakeEngine) -> No
     assert len(await running(engine, "zone2", "cpvm")) == 1
 
 
+async def test_host_checks_waiting_for_their_turn_end_when_the_monitor_stops(
+    make_engine: MakeEngine,
+) -> None:
+    """Checks of one round are spread over the ping interval; one still waiting for its turn
+    when the monitor stops is cancelled, not left to ping a stopped engine's hosts."""
+    engine = await make_engine(SYSVM_HOST_PING_INTERVAL="3", SYSVM_HOST_PING_TIMEOUT="1")
+    await converge_lab(engine, zones=2, hosts=2, networks=0, vms=0)
+
+    def pending() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if t.get_name().startswith("ping-host-")]
+
+    deadline = time.monotonic() + 10
+    while len(pending()) < 2 and time.monotonic() < deadline:  # a round under way
+        await asyncio.sleep(0.05)
+    assert len(pending()) >= 2, "no round of host checks started"
+    await engine.host_monitor.stop()
+    assert pending() == []
+
+
 async def _count(coro: Awaitable[list[Any]]) -> int:
     return len(await coro)

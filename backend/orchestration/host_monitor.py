@@ -50,6 +50,7 @@ class HostMonitor:
         self.engine = engine
         self._task: asyncio.Task[None] | None = None
         self._checking: set[int] = set()
+        self._checks: set[asyncio.Task[None]] = set()  # pending ones, cancelled on stop
         self._misses: dict[int, int] = {}
 
     def start(self) -> None:
@@ -60,6 +61,11 @@ class HostMonitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # a check may still wait for its turn in the round: it must not run on a stopped engine
+        checks = list(self._checks)
+        for t in checks:
+            t.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
 
     async def _run(self) -> None:
         while True:
@@ -73,7 +79,11 @@ class HostMonitor:
             spacing = float(self.engine.config["host.ping_interval"]) / max(len(hosts), 1)
             for i, host in enumerate(hosts):
                 self._checking.add(host.id)
-                asyncio.create_task(self._check_one(host, i * spacing), name=f"ping-host-{host.id}")
+                check = asyncio.create_task(
+                    self._check_one(host, i * spacing), name=f"ping-host-{host.id}"
+                )
+                self._checks.add(check)
+                check.add_done_callback(self._checks.discard)
 
     async def _check_one(self, host: Host, delay: float = 0.0) -> None:
         try:
