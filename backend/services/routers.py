@@ -42,10 +42,9 @@ CONFIRM_MARGIN = 2.0
 
 
 INLINE_RULES = 32
-"""A bundle of at most this many rules is built, encoded and diffed on the event loop (well
-under a millisecond each); a larger one in a thread. A hundred small routers applied at once
-made hundreds of thread hops whose threads then fought the loop for the GIL: its longest
-iterations were mostly waits for the GIL, longer than the work itself."""
+"""A bundle of at most this many rules is built, encoded and diffed on the event loop; a larger
+one in a thread. For a one-rule bundle these took 0.23-0.52, 0.07 and 0.06 ms: less than a hop
+to a thread and back, and that thread competes with the loop for the GIL."""
 
 T = TypeVar("T")
 
