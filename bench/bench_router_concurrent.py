@@ -2,7 +2,9 @@
 engine's event loop is sampled for stalls (how late a 1 ms sleep wakes).
 
 Prints one JSON object: wall time until every apply is confirmed, and the loop's stall figures
-while busy and, as the baseline of the same run, while idle. `bench_router_apply.py` includes
+while busy and, as the baselines of the same run, while idle and the machine's own (a
+real-time sleeper per CPU: what the hypervisor and the kernel alone make any thread wait; a
+shared vCPU here stalls it 10-15 ms now and then). `bench_router_apply.py` includes
 this run; alone: `python bench/bench_router_concurrent.py [--routers N]`.
 
 The 100 routers are played by the lab's guest host process (and the processes it starts, such
@@ -33,7 +35,7 @@ logging.basicConfig(
 
 from backend.config import load_config  # noqa: E402
 from backend.engine.core import Engine  # noqa: E402
-from bench.loop_lag import LoopLag  # noqa: E402
+from bench.loop_lag import LoopLag, MachineLag  # noqa: E402
 
 ROUTERS = 100
 
@@ -97,10 +99,10 @@ async def many_routers(
                 },
             )
         routers_cpu = None if share_cpus else keep_routers_to_the_last_cpu()
-        with LoopLag() as idle:
+        with MachineLag() as idle_machine, LoopLag() as idle:
             await asyncio.sleep(2)
         start = time.perf_counter()
-        with LoopLag(trace_over_ms=trace_over_ms) as busy:
+        with MachineLag() as machine, LoopLag(trace_over_ms=trace_over_ms) as busy:
             jobs = await asyncio.gather(
                 *(engine.router_apply(net, confirm_timeout=30) for net in networks)
             )
@@ -115,6 +117,8 @@ async def many_routers(
             "wall_s": round(wall, 2),
             "loop_stall": busy.summary(),
             "idle_loop_stall": idle.summary(),
+            "machine_stall": machine.summary(),
+            "idle_machine_stall": idle_machine.summary(),
         }
     finally:
         await engine.stop()

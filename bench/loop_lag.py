@@ -15,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import json
+import os
 import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -109,14 +112,22 @@ class LoopLag:
         poll, run_once = selector.select, loop._run_once  # type: ignore[attr-defined]
         handle_run = asyncio.events.Handle._run
         me = threading.get_ident()
-        # perf_counter, thread_time and run queue wait after the poll, callbacks run
-        polled: list[float] = [0.0, 0.0, 0.0, 0]
+        # perf_counter, thread_time, run queue wait, voluntary switches and the machine's
+        # stolen time after the poll; callbacks run
+        polled: list[float] = [0.0, 0.0, 0.0, 0.0, 0.0, 0]
         by_owner: collections.defaultdict[str, float] = collections.defaultdict(float)  # CPU ms
         slowest: list[Any] = [0.0, ""]  # the callback that took longest (wall), and whose
 
         def timed_poll(timeout: float | None = None) -> object:
             events = poll(timeout)
-            polled[:] = [time.perf_counter(), time.thread_time(), _queued(), 0]
+            polled[:] = [
+                time.perf_counter(),
+                time.thread_time(),
+                _queued(),
+                _switches(),
+                _stolen(),
+                0,
+            ]
             by_owner.clear()
             slowest[:] = [0.0, ""]
             return events
@@ -125,7 +136,7 @@ class LoopLag:
             if threading.get_ident() != me:
                 handle_run(handle)
                 return
-            polled[3] += 1
+            polled[5] += 1
             started, wall = time.thread_time(), time.perf_counter()
             handle_run(handle)
             by_owner[_owner(handle)] += (time.thread_time() - started) * 1000
@@ -138,11 +149,21 @@ class LoopLag:
             if polled[0] and (took := time.perf_counter() - polled[0]) >= limit:
                 cpu = time.thread_time() - polled[1]
                 queued = _queued() - polled[2]
+                switches = _switches() - polled[3]
+                stolen = _stolen() - polled[4]
                 most = sorted(by_owner.items(), key=lambda kv: -kv[1])[:3]
                 owners = ", ".join(f"{n} {ms:.1f}" for n, ms in most)
                 owners += f"; longest callback {slowest[0] * 1000:.1f} ms ({slowest[1]})"
                 self.iterations.append(
-                    (took * 1000, cpu * 1000, queued * 1000, int(polled[3]), owners)
+                    (
+                        took * 1000,
+                        cpu * 1000,
+                        queued * 1000,
+                        switches,
+                        stolen,
+                        int(polled[5]),
+                        owners,
+                    )
                 )
 
         selector.select, loop._run_once = timed_poll, timed_run_once  # type: ignore[attr-defined]
@@ -171,6 +192,7 @@ class LoopLag:
             "max_ms": round(s[-1], 2),
             "p99_ms": round(s[int(len(s) * 0.99)], 2),
             "median_ms": round(statistics.median(s), 3),
+            "over_10ms": sum(ms > 10 for ms in s),
         }
 
     def print_stacks(self, file: TextIO | None = None) -> None:
@@ -182,14 +204,84 @@ class LoopLag:
             # The watchdog needs the GIL too: a long gap means it was starved, not how long
             # the loop was late (the JSON figures say that).
             print(f"---- watchdog gap ~{ms:.0f} ms, samples:", *seen, sep="\n  ", file=out)
-        for ms, cpu, queued, ran, owners in sorted(self.iterations, reverse=True)[:10]:
+        for ms, cpu, queued, slept, stolen, ran, owners in sorted(self.iterations, reverse=True)[
+            :10
+        ]:
             print(
                 f"---- loop iteration: {ms:.1f} ms ({cpu:.1f} CPU, {queued:.1f} waiting for a "
-                f"CPU), {ran} callbacks; most CPU (ms): {owners}",
+                f"CPU, {slept:.0f} sleeps, the machine's vCPUs stolen {stolen:.0f} ms), {ran} "
+                f"callbacks; most CPU (ms): {owners}",
                 file=out,
             )
         for generation, ms, cpu, thread in self.gc_pauses:
             print(f"---- gc of generation {generation}: {ms} ms ({cpu} CPU) on {thread}", file=out)
+
+
+class MachineLag:
+    """How late a real-time sleeper wakes up, on each CPU, while the `with` block runs: the
+    stalls that the machine alone (the hypervisor taking its vCPUs away, the kernel) makes any
+    thread suffer, the floor under the loop's figures of the same run. One process per CPU,
+    each sleeping 1 ms at a time under SCHED_FIFO (it preempts every other thread of the
+    machine, so only the machine can make it late) where permitted, else at normal priority
+    (said in `policy`)."""
+
+    def __init__(self) -> None:
+        self._probes: list[subprocess.Popen[str]] = []
+        self.per_cpu: dict[int, list[float]] = {}
+        self.policy = "fifo"
+
+    def __enter__(self) -> MachineLag:
+        for cpu in sorted(os.sched_getaffinity(0)):
+            probe = subprocess.Popen(
+                [sys.executable, __file__, "--machine-probe", str(cpu)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            self._probes.append(probe)
+        for probe in self._probes:
+            assert probe.stdout is not None
+            if probe.stdout.readline().strip() != "fifo":
+                self.policy = "normal"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for probe in self._probes:
+            out, _ = probe.communicate("", timeout=30)
+            found = json.loads(out)
+            self.per_cpu[found["cpu"]] = found["late_ms"]
+
+    def summary(self) -> dict[str, Any]:
+        every = sorted(ms for lates in self.per_cpu.values() for ms in lates) or [0.0]
+        worst = {
+            f"cpu{cpu}": round(max(lates, default=0.0), 2) for cpu, lates in self.per_cpu.items()
+        }
+        return {
+            "max_ms": round(every[-1], 2),
+            "p99_ms": round(every[int(len(every) * 0.99)], 2),
+            "over_10ms": sum(ms > 10 for ms in every),
+            "max_per_cpu_ms": worst,
+            "policy": self.policy,
+        }
+
+
+def _probe_machine(cpu: int) -> None:
+    """`--machine-probe CPU` (a MachineLag child): sleep 1 ms at a time on CPU, at real-time
+    priority where permitted, until stdin closes; print the lateness of every wake as JSON."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
+        print("fifo", flush=True)
+    except PermissionError:
+        print("normal", flush=True)
+    late: list[float] = []
+    while not done.is_set():
+        t = time.perf_counter()
+        time.sleep(0.001)
+        late.append(round((time.perf_counter() - t - 0.001) * 1000, 3))
+    print(json.dumps({"cpu": cpu, "late_ms": late}))
 
 
 def _queued() -> float:
@@ -198,6 +290,29 @@ def _queued() -> float:
     try:
         with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", "rb") as f:
             return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _switches() -> float:
+    """How often this thread has gone to sleep (waiting for the GIL, a lock, I/O): Linux's
+    voluntary context switches; 0 where that is not available."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"voluntary_ctxt_switches:"):
+                    return float(line.split()[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0.0
+
+
+def _stolen() -> float:
+    """Milliseconds the hypervisor has kept this machine's vCPUs from running (steal time, all
+    CPUs, in 10 ms ticks); 0 where that is not available."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            return float(f.readline().split()[8]) * 10
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -232,3 +347,10 @@ def _where(frame: object) -> str:
     for summary in traceback.extract_stack(frame, limit=3)[::-1]:  # type: ignore[arg-type]
         parts.append(f"{summary.filename.rsplit('/', 1)[-1]}:{summary.lineno} {summary.name}")
     return " < ".join(parts)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--machine-probe":
+        _probe_machine(int(sys.argv[2]))
+    else:
+        sys.exit("usage: python bench/loop_lag.py --machine-probe CPU (started by MachineLag)")
