@@ -31,6 +31,9 @@ class InvalidInput(SysvmError):
         self.field = field
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[InvalidInput], tuple[str, str]]:
+        return type(self), (self.field, self.reason)  # pickled from the database's worker
+
 
 class Conflict(SysvmError):
     """The request conflicts with the current state (wrong VM state, address taken, ...)."""

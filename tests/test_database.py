@@ -1,10 +1,14 @@
-"""The engine's database: units of work run whole in its threads; the async pool's connections
+"""The engine's database: units of work run whole in its threads, commands in its worker
+process; the async pool's connections
 are opened up front, bursts of sessions wait for them (opening one starts a thread, which blocks
 the loop), and nested sessions never deadlock."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -15,6 +19,8 @@ from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from backend.db.database import POOL_SIZE, Database
+from backend.db.worker import WorkerGone, command
+from backend.errors import InvalidInput, SysvmError
 
 
 async def test_a_burst_of_sessions_opens_no_connection_after_open(tmp_path: Path) -> None:
@@ -162,3 +168,142 @@ async def test_a_cancelled_unit_of_work_still_commits_whole_before_the_next_writ
     finally:
         await db.close()
     assert seen_by_next_write == 2
+
+
+# Commands: module-level units of work, run in the database's worker process.
+
+
+@command
+def _create_and_fill(s: Session, *, values: list[int]) -> int:
+    s.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
+    for x in values:
+        s.execute(text("INSERT INTO t VALUES (:x)"), {"x": x})
+    return os.getpid()
+
+
+@command
+def _read_all(s: Session) -> tuple[int, list[int]]:
+    return os.getpid(), sorted(r[0] for r in s.execute(text("SELECT x FROM t")))
+
+
+@command
+def _insert_then_refuse(s: Session, *, value: int) -> None:
+    s.execute(text("INSERT INTO t VALUES (:x)"), {"x": value})
+    raise InvalidInput("port", "refused after the first statement")
+
+
+@command
+def _insert_slowly(s: Session, *, values: list[int], pause: float) -> None:
+    for x in values:
+        s.execute(text("INSERT INTO t VALUES (:x)"), {"x": x})
+        time.sleep(pause)
+
+
+@command
+def _unpicklable_error(s: Session) -> None:
+    class Local(Exception):
+        pass
+
+    raise Local("made in the worker")
+
+
+def _count(s: Session) -> int:
+    return int(s.execute(text("SELECT count(*) FROM t")).scalar_one())
+
+
+async def test_a_command_runs_in_the_worker_process_and_its_commit_is_seen_by_the_engine(
+    tmp_path: Path,
+) -> None:
+    """A command (module-level, marked) runs in the worker process, commits there, and what it
+    wrote is read back by another command, by the engine's reading thread and by an async
+    session; a closure still runs in the engine's process."""
+    db = Database(tmp_path / "sysvm.db")
+    await db.open()
+    try:
+        assert db.worker.running
+        writer_pid = await db.run_write(functools.partial(_create_and_fill, values=[1, 2]))
+        reader_pid, rows = await db.run_read(_read_all)
+        in_thread = await db.run_read(_count)
+        async with db.read() as s:
+            in_session = (await s.execute(text("SELECT count(*) FROM t"))).scalar_one()
+    finally:
+        await db.close()
+    assert writer_pid == reader_pid != os.getpid()
+    assert rows == [1, 2] and in_thread == 2 and in_session == 2
+    assert db.worker.gone == "the database was closed"
+
+
+async def test_a_failing_command_raises_its_error_here_and_leaves_nothing(tmp_path: Path) -> None:
+    """The exception of a command is raised to its caller with its type and fields (an invalid
+    field stays named); its transaction is rolled back. An exception that cannot travel
+    between processes arrives as a SysvmError that names it."""
+    db = Database(tmp_path / "sysvm.db")
+    await db.open()
+    try:
+        await db.run_write(functools.partial(_create_and_fill, values=[1]))
+        with pytest.raises(InvalidInput) as refused:
+            await db.run_write(functools.partial(_insert_then_refuse, value=2))
+        with pytest.raises(SysvmError, match="Local: made in the worker"):
+            await db.run_read(_unpicklable_error)
+        _, rows = await db.run_read(_read_all)
+    finally:
+        await db.close()
+    assert (refused.value.field, refused.value.reason) == (
+        "port",
+        "refused after the first statement",
+    )
+    assert rows == [1]
+
+
+async def test_a_cancelled_command_still_commits_whole_before_the_next_write(
+    tmp_path: Path,
+) -> None:
+    """As with the threads: the caller of a cancelled write command gets CancelledError at once,
+    the command still commits whole in the worker, and the next write sees all of it."""
+    db = Database(tmp_path / "sysvm.db")
+    await db.open()
+    try:
+        await db.run_write(functools.partial(_create_and_fill, values=[]))
+        writer = asyncio.create_task(
+            db.run_write(functools.partial(_insert_slowly, values=[1, 2, 3], pause=0.2))
+        )
+        await asyncio.sleep(0.1)
+        writer.cancel()
+        started = time.perf_counter()
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        assert time.perf_counter() - started < 0.2, "the cancelled caller waited for the command"
+        seen_by_next_write = await asyncio.wait_for(
+            db.run_write(functools.partial(_create_and_fill, values=[])), 5
+        )
+        _, rows = await db.run_read(_read_all)
+    finally:
+        await db.close()
+    assert isinstance(seen_by_next_write, int)
+    assert rows == [1, 2, 3]
+
+
+async def test_a_killed_worker_fails_its_command_clearly_and_the_engine_goes_on_without_it(
+    tmp_path: Path,
+) -> None:
+    """The worker process killed (SIGKILL, a real fault) while a command is in it: that command
+    fails with WorkerGone saying its outcome is unknown, and later commands run in the
+    engine's own threads."""
+    db = Database(tmp_path / "sysvm.db")
+    await db.open()
+    try:
+        await db.run_write(functools.partial(_create_and_fill, values=[1]))
+        pid = await db.run_read(_read_all)
+        slow = asyncio.create_task(
+            db.run_write(functools.partial(_insert_slowly, values=[2, 3], pause=2))
+        )
+        await asyncio.sleep(0.3)
+        os.kill(pid[0], signal.SIGKILL)
+        with pytest.raises(WorkerGone, match="whether that command took effect is unknown"):
+            await asyncio.wait_for(slow, 10)
+        assert not db.worker.running and db.worker.gone == "it ended (its socket closed)"
+        reader_pid, rows = await db.run_read(_read_all)
+    finally:
+        await db.close()
+    assert reader_pid == os.getpid()
+    assert rows == [1]  # the killed command's transaction was never committed

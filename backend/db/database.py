@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from backend.db.worker import READ, WRITE, DatabaseWorker, is_command
 from backend.errors import SysvmError
 
 T = TypeVar("T")
@@ -161,17 +162,25 @@ class Database:
         self._sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sysvm-db-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sysvm-db-write")
+        self.worker = DatabaseWorker(path)
 
     async def open(self) -> str:
-        """Migrate (in a thread), open the pool's connections and return the schema revision."""
+        """Migrate (in a thread), open the pool's connections, start the worker process and
+        return the schema revision."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         revision = await ensure_schema(self.path)
         async with contextlib.AsyncExitStack() as pooled:
             for _ in range(POOL_SIZE):
                 await pooled.enter_async_context(self.engine.connect())
+        try:
+            await self.worker.start()
+        except Exception as exc:  # the engine still works: commands run in its threads
+            log.warning("no database worker process (%s); commands run in the engine", exc)
+            self.worker.gone = f"it could not start: {exc}"
         return revision
 
     async def close(self) -> None:
+        await self.worker.stop()
         await self.engine.dispose()
         await asyncio.to_thread(self._close_threads)
 
@@ -182,8 +191,11 @@ class Database:
         self.sync_engine.dispose()
 
     async def run_read(self, work: Callable[[Session], T]) -> T:
-        """`work(session)` run whole in the reading thread; nothing it changes is committed.
+        """`work(session)` run whole in the worker process if it is a command (see
+        `backend.db.worker`), else in the reading thread; nothing it changes is committed.
         Objects it returns are detached: load in `work` what the caller needs."""
+        if self.worker.running and is_command(work):
+            return await self.worker.call(READ, work)
         return await asyncio.get_running_loop().run_in_executor(
             self._reader, self._read_in_thread, work
         )
@@ -193,16 +205,19 @@ class Database:
             return work(session)
 
     async def run_write(self, work: Callable[[Session], T], *, retries: int = 20) -> T:
-        """`work(session)` run whole in the writing thread, in one transaction committed at the
+        """`work(session)` run whole in the worker process if it is a command (see
+        `backend.db.worker`), else in the writing thread, in one transaction committed at the
         end, under the same lock as `write()`, retried while SQLite is busy (so `work` must be
         safe to run again). A cancelled caller gets CancelledError at once; the transaction
         still ends whole (a thread cannot be cut), and the lock is held until it has."""
         loop = asyncio.get_running_loop()
-        return await _uncut(
-            self._while_busy(
-                lambda: loop.run_in_executor(self._writer, self._write_in_thread, work), retries
-            )
-        )
+
+        def attempt() -> Awaitable[T]:
+            if self.worker.running and is_command(work):
+                return self.worker.call(WRITE, work)
+            return loop.run_in_executor(self._writer, self._write_in_thread, work)
+
+        return await _uncut(self._while_busy(attempt, retries))
 
     async def _while_busy(self, attempt: Callable[[], Awaitable[T]], retries: int) -> T:
         """`attempt()` under the write lock, again after a pause while SQLite says it is locked

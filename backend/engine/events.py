@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from backend.api.types import EventRecord
 from backend.db.database import Database
 from backend.db.models import Event
+from backend.db.worker import command
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class EventBus:
         self._flush_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        last = await self._db.run_read(lambda s: s.scalar(select(func.max(Event.id))))
+        last = await self._db.run_read(_last_event_id)
         self._next_id = (last or 0) + 1
         self._flusher = asyncio.create_task(self._flush_loop(), name="event-flusher")
 
@@ -124,23 +126,9 @@ class EventBus:
     ) -> list[EventRecord]:
         """Persisted events after `since_id`, newest last (at most `limit`)."""
         await self.flush()
-        q = select(Event).where(Event.id > since_id)
-        if entity:
-            q = q.where(Event.entity == entity)
-        q = q.order_by(Event.id.desc()).limit(limit)
-        rows = await self._db.run_read(lambda s: s.scalars(q).all())
-        return [
-            EventRecord(
-                id=r.id,
-                ts=r.ts.isoformat(timespec="milliseconds"),
-                entity=r.entity,
-                entity_id=r.entity_id,
-                kind=r.kind,
-                name=r.name,
-                fields=r.fields,
-            )
-            for r in reversed(rows)
-        ]
+        return await self._db.run_read(
+            functools.partial(_events, since_id=since_id, limit=limit, entity=entity)
+        )
 
     async def flush(self) -> None:
         """Persist what is pending; returns once everything published so far is stored (a
@@ -165,11 +153,12 @@ class EventBus:
             for e in batch
         ]
 
-        def work(s: Session) -> None:
-            s.execute(insert(Event), rows)
-            if batch[-1].id % 5000 < len(batch):  # prune now and then, not on every flush
-                s.execute(delete(Event).where(Event.id <= batch[-1].id - KEEP_EVENTS))
-
+        work = functools.partial(
+            _insert_events,
+            rows=rows,
+            prune_to=batch[-1].id - KEEP_EVENTS,
+            prune=batch[-1].id % 5000 < len(batch),  # now and then, not on every flush
+        )
         try:
             await self._db.run_write(work)
         except Exception:
@@ -188,3 +177,36 @@ def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
             v = v.isoformat(timespec="seconds")
         out[k] = v
     return out
+
+
+@command
+def _last_event_id(s: Session) -> int | None:
+    return s.scalar(select(func.max(Event.id)))
+
+
+@command
+def _events(s: Session, *, since_id: int, limit: int, entity: str | None) -> list[EventRecord]:
+    q = select(Event).where(Event.id > since_id)
+    if entity:
+        q = q.where(Event.entity == entity)
+    q = q.order_by(Event.id.desc()).limit(limit)
+    return [
+        EventRecord(
+            id=r.id,
+            ts=r.ts.isoformat(timespec="milliseconds"),
+            entity=r.entity,
+            entity_id=r.entity_id,
+            kind=r.kind,
+            name=r.name,
+            fields=r.fields,
+        )
+        for r in reversed(s.scalars(q).all())
+    ]
+
+
+@command
+def _insert_events(s: Session, *, rows: list[dict[str, Any]], prune_to: int, prune: bool) -> None:
+    """Store a batch of events; with `prune`, drop those up to id `prune_to`."""
+    s.execute(insert(Event), rows)
+    if prune:
+        s.execute(delete(Event).where(Event.id <= prune_to))

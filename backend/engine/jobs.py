@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from backend.api.types import JobInfo
 from backend.db.database import Database
 from backend.db.models import Job, JobState, utcnow
+from backend.db.worker import command
 from backend.engine.events import EventBus
 from backend.errors import Conflict, InvalidInput, NotFound, SysvmError
 
@@ -167,10 +168,7 @@ class JobRunner:
             "state": JobState.QUEUED.value,
         }
 
-        def work(s: Session) -> JobInfo:
-            return job_info(s.connection().execute(_INSERT, values).one())
-
-        info = self._wrote(await self._db.run_write(work))
+        info = self._wrote(await self._db.run_write(functools.partial(_insert_job, values=values)))
         self._bus.publish("job", info.id, "created", info.kind, **_event_fields(info))
         self._launch(info)
         return info
@@ -250,18 +248,10 @@ class JobRunner:
             )
 
     async def _update(self, job_id: int, **changes: Any) -> JobInfo:
-        """Change a job's row and publish it: one UPDATE ... RETURNING on the table, with no ORM
-        load and flush (a router apply makes four of these)."""
-        statement = _update_statement(frozenset(changes))
-        values = {**changes, "job_id": job_id}
-
-        def work(s: Session) -> JobInfo:
-            row = s.connection().execute(statement, values).one_or_none()
-            if row is None:
-                raise NotFound(f"job {job_id} does not exist")
-            return job_info(row)
-
-        info = self._wrote(await self._db.run_write(work))
+        """Change a job's row (`_update_job`) and publish it."""
+        info = self._wrote(
+            await self._db.run_write(functools.partial(_update_job, job_id=job_id, changes=changes))
+        )
         self._bus.publish("job", job_id, "updated", info.kind, **_event_fields(info))
         return info
 
@@ -274,10 +264,7 @@ class JobRunner:
 
     async def recover(self) -> list[JobInfo]:
         """On engine start: resume interrupted resumable jobs, fail the others with the reason."""
-        unfinished = select(_JOBS).where(
-            _JOBS.c.state.in_([JobState.RUNNING.value, JobState.QUEUED.value])
-        )
-        stale = await self._db.run_read(lambda s: [job_info(r) for r in s.execute(unfinished)])
+        stale = await self._db.run_read(_unfinished_jobs)
         out = []
         for info in stale:
             kind = self._kinds.get(info.kind)
@@ -313,20 +300,10 @@ class JobRunner:
     async def get(self, job_id: int) -> JobInfo:
         if (written := self._written.get(job_id)) is not None:
             return written
-        values = {"job_id": job_id}
-        row = await self._db.run_read(
-            lambda s: s.connection().execute(_SELECT_ONE, values).one_or_none()
-        )
-        if row is None:
-            raise NotFound(f"job {job_id} does not exist")
-        return job_info(row)
+        return await self._db.run_read(functools.partial(_job, job_id=job_id))
 
     async def list(self, *, limit: int = 100, state: str | None = None) -> list[JobInfo]:
-        q = select(_JOBS)
-        if state:
-            q = q.where(_JOBS.c.state == state)
-        q = q.order_by(_JOBS.c.id.desc()).limit(limit)
-        return await self._db.run_read(lambda s: [job_info(r) for r in s.execute(q)])
+        return await self._db.run_read(functools.partial(_jobs, limit=limit, state=state))
 
     async def cancel(self, job_id: int) -> JobInfo:
         info = await self.get(job_id)
@@ -358,6 +335,47 @@ class JobRunner:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@command
+def _insert_job(s: Session, *, values: dict[str, Any]) -> JobInfo:
+    return job_info(s.connection().execute(_INSERT, values).one())
+
+
+@command
+def _update_job(s: Session, *, job_id: int, changes: dict[str, Any]) -> JobInfo:
+    """Change a job's row: one UPDATE ... RETURNING on the table, with no ORM load and flush
+    (a router apply makes four of these)."""
+    statement = _update_statement(frozenset(changes))
+    row = s.connection().execute(statement, {**changes, "job_id": job_id}).one_or_none()
+    if row is None:
+        raise NotFound(f"job {job_id} does not exist")
+    return job_info(row)
+
+
+@command
+def _job(s: Session, *, job_id: int) -> JobInfo:
+    row = s.connection().execute(_SELECT_ONE, {"job_id": job_id}).one_or_none()
+    if row is None:
+        raise NotFound(f"job {job_id} does not exist")
+    return job_info(row)
+
+
+@command
+def _jobs(s: Session, *, limit: int, state: str | None) -> list[JobInfo]:
+    q = select(_JOBS)
+    if state:
+        q = q.where(_JOBS.c.state == state)
+    q = q.order_by(_JOBS.c.id.desc()).limit(limit)
+    return [job_info(r) for r in s.execute(q)]
+
+
+@command
+def _unfinished_jobs(s: Session) -> list[JobInfo]:
+    unfinished = select(_JOBS).where(
+        _JOBS.c.state.in_([JobState.RUNNING.value, JobState.QUEUED.value])
+    )
+    return [job_info(r) for r in s.execute(unfinished)]
 
 
 @functools.cache

@@ -8,6 +8,7 @@ from the database always validates.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -21,6 +22,7 @@ from sqlalchemy import Text, select, type_coerce, update
 from sqlalchemy.orm import Session, defer
 
 from backend.db.models import GuestNetwork, Nic, NicRole, RouterRule, SystemVM, VMState, VpnUser
+from backend.db.worker import command
 from backend.errors import InvalidInput, NotFound, SysvmError, TransportError
 from backend.router.bundle import (
     BundleNetwork,
@@ -104,6 +106,7 @@ def _with_changed_rows(
     return bundle
 
 
+@command
 def _set_live(s: Session, net_id: int, live: str, expected: str) -> None:
     """Record what a router reported live, and what its applied bundle renders to."""
     s.execute(
@@ -124,6 +127,146 @@ def _rule_changes(applied_json: str, desired: RouterBundle) -> dict[str, list[An
     }
 
 
+def _bundle_inputs(
+    s: Session,
+    net: GuestNetwork,
+    control_sources: tuple[str, ...] | None = None,
+    *,
+    applied: bool = False,
+) -> _Inputs:
+    """What the network's desired bundle is made of, read in one transaction
+    (`control_sources`: who may SSH to the router, default the whole link-local range).
+    The last applied bundle's text is read when asked (`applied`): a diff, and a cold build,
+    which starts from it."""
+    # The rules' fields as the JSON text stored: 10,000 rows are not decoded one by one.
+    rows = s.execute(
+        select(RouterRule.id, RouterRule.type, type_coerce(RouterRule.fields, Text))
+        .where(RouterRule.network_id == net.id)
+        .order_by(RouterRule.id)
+    ).all()
+    users = s.execute(
+        select(VpnUser.username, VpnUser.password).where(VpnUser.network_id == net.id)
+    ).all()
+    control = (
+        s.scalar(
+            select(Nic.ip)
+            .join(SystemVM, Nic.system_vm_id == SystemVM.id)
+            .where(
+                SystemVM.network_id == net.id,
+                SystemVM.state != VMState.DESTROYED.value,
+                Nic.role == NicRole.CONTROL.value,
+            )
+            .order_by(SystemVM.id)
+            .limit(1)
+        )
+        or ""
+    )
+    parts: dict[str, Any] = {
+        "network": BundleNetwork(name=net.name, cidr=net.cidr, gateway=net.gateway, vlan=net.vlan),
+        "addresses": RouterAddresses(
+            control_ip=control or "169.254.0.1",
+            guest_ip=net.gateway,
+            public_ips=tuple(ip for ip in (net.source_nat_ip,) if ip),
+        ),
+        "vpn_users": [{"username": u, "password": pw} for u, pw in users],
+        "default_egress_policy": net.default_egress,
+        **({"control_sources": control_sources} if control_sources else {}),
+    }
+    applied_json = ""
+    if applied:
+        applied_json = (
+            s.scalar(select(GuestNetwork.router_bundle).where(GuestNetwork.id == net.id)) or ""
+        )
+    return _Inputs(
+        net_id=net.id,
+        parts=parts,
+        stored={r[0]: (r[1], r[2] or "{}") for r in rows},
+        applied_json=applied_json,
+    )
+
+
+def _network(s: Session, name: str) -> GuestNetwork:
+    """The network named `name`, without the text of its last applied bundle (megabytes
+    for 10,000 rules; `_bundle_inputs` reads it when a build needs it)."""
+    net = s.scalars(
+        select(GuestNetwork)
+        .where(GuestNetwork.name == name)
+        .options(defer(GuestNetwork.router_bundle, raiseload=True))
+    ).first()
+    if net is None:
+        raise NotFound(f"no network named {name!r}; `sysvm status` lists them")
+    return net
+
+
+def _router_row(s: Session, net: GuestNetwork) -> SystemVM | None:
+    return s.scalars(
+        select(SystemVM).where(
+            SystemVM.network_id == net.id, SystemVM.state != VMState.DESTROYED.value
+        )
+    ).first()
+
+
+# Commands (see `backend.db.worker`): run in the database's worker process.
+
+
+@command
+def _require_network(s: Session, *, network: str) -> None:
+    _network(s, network)
+
+
+@command
+def _apply_inputs(
+    s: Session, *, network: str, control_sources: tuple[str, ...] | None
+) -> tuple[GuestNetwork, SystemVM | None, _Inputs]:
+    """What an apply reads: the network, its router and its bundle's inputs (without the last
+    applied bundle's text: `_applied_text` when a cold build needs it)."""
+    net = _network(s, network)
+    return net, _router_row(s, net), _bundle_inputs(s, net, control_sources)
+
+
+@command
+def _applied_text(s: Session, *, net_id: int) -> str:
+    return s.scalar(select(GuestNetwork.router_bundle).where(GuestNetwork.id == net_id)) or ""
+
+
+@command
+def _network_and_router(s: Session, *, network: str) -> tuple[GuestNetwork, SystemVM | None]:
+    net = _network(s, network)
+    return net, _router_row(s, net)
+
+
+@command
+def _network_by_id_and_router(
+    s: Session, *, net_id: int
+) -> tuple[GuestNetwork | None, SystemVM | None]:
+    """The network (with its last applied bundle) and its router; (None, None) if it is gone."""
+    net = s.get(GuestNetwork, net_id)
+    return net, None if net is None else _router_row(s, net)
+
+
+@command
+def _record_apply(s: Session, *, net_id: int, values: dict[str, Any]) -> str:
+    """Record an applied bundle; the network's name."""
+    statement = (
+        update(GuestNetwork)
+        .where(GuestNetwork.id == net_id)
+        .values(values)
+        .returning(GuestNetwork.name)
+    )
+    return str(s.execute(statement).scalar_one())
+
+
+@command
+def _delete_rule(s: Session, *, network: str, rule_id: int) -> int:
+    """Delete one rule of the network; the network's id."""
+    net = _network(s, network)
+    row = s.get(RouterRule, rule_id)
+    if row is None or row.network_id != net.id:
+        raise NotFound(f"network {network} has no rule {rule_id}")
+    s.delete(row)
+    return net.id
+
+
 class RouterNotReady(SysvmError):
     """The network's router is not Running (or its agent does not answer)."""
 
@@ -139,18 +282,6 @@ class RouterService:
         # The last bundle applied per network id: what the router runs, so the next apply can
         # send a patch of it instead of the whole bundle.
         self._applied: OrderedDict[int, RouterBundle] = OrderedDict()
-
-    def _network(self, s: Session, name: str) -> GuestNetwork:
-        """The network named `name`, without the text of its last applied bundle (megabytes
-        for 10,000 rules; `_bundle_inputs` reads it when a build needs it)."""
-        net = s.scalars(
-            select(GuestNetwork)
-            .where(GuestNetwork.name == name)
-            .options(defer(GuestNetwork.router_bundle, raiseload=True))
-        ).first()
-        if net is None:
-            raise NotFound(f"no network named {name!r}; `sysvm status` lists them")
-        return net
 
     def _rows(self, s: Session, net_id: int) -> list[RouterRule]:
         return list(
@@ -182,7 +313,7 @@ class RouterService:
             raise InvalidInput("fields", "must be an object of rule fields")
 
         def work(s: Session) -> tuple[int, dict[str, Any], int]:
-            net = self._network(s, network)
+            net = _network(s, network)
             rule = parse_rule(rule_type, fields, self._rule_context(s, net))
             row = RouterRule(network_id=net.id, type=rule_type, fields=rule.to_fields())
             s.add(row)
@@ -204,7 +335,7 @@ class RouterService:
             raise InvalidInput("fields", "must be an object of rule fields")
 
         def work(s: Session) -> tuple[dict[str, Any], int]:
-            net = self._network(s, network)
+            net = _network(s, network)
             row = s.get(RouterRule, rule_id)
             if row is None or row.network_id != net.id:
                 raise NotFound(f"network {network} has no rule {rule_id}")
@@ -221,15 +352,9 @@ class RouterService:
         return {"id": rule_id, "type": rule_type, **stored}
 
     async def delete_rule(self, network: str, rule_id: int) -> dict[str, Any]:
-        def work(s: Session) -> int:
-            net = self._network(s, network)
-            row = s.get(RouterRule, rule_id)
-            if row is None or row.network_id != net.id:
-                raise NotFound(f"network {network} has no rule {rule_id}")
-            s.delete(row)
-            return net.id
-
-        net_id = await self.engine.db.run_write(work)
+        net_id = await self.engine.db.run_write(
+            functools.partial(_delete_rule, network=network, rule_id=rule_id)
+        )
         self.engine.bus.publish("router_rule", rule_id, "deleted", network, network_id=net_id)
         return {"deleted": rule_id}
 
@@ -241,59 +366,14 @@ class RouterService:
         *,
         applied: bool = False,
     ) -> _Inputs:
-        """What the network's desired bundle is made of, read in one transaction
-        (`control_sources`: who may SSH to the router, default the whole link-local range).
-        The last applied bundle's text is read when asked (`applied`) or when no build of the
+        """`_bundle_inputs` with the last applied bundle's text also when no build of the
         network is kept (a cold build starts from it)."""
-        # The rules' fields as the JSON text stored: 10,000 rows are not decoded one by one.
-        rows = s.execute(
-            select(RouterRule.id, RouterRule.type, type_coerce(RouterRule.fields, Text))
-            .where(RouterRule.network_id == net.id)
-            .order_by(RouterRule.id)
-        ).all()
-        users = s.execute(
-            select(VpnUser.username, VpnUser.password).where(VpnUser.network_id == net.id)
-        ).all()
-        control = (
-            s.scalar(
-                select(Nic.ip)
-                .join(SystemVM, Nic.system_vm_id == SystemVM.id)
-                .where(
-                    SystemVM.network_id == net.id,
-                    SystemVM.state != VMState.DESTROYED.value,
-                    Nic.role == NicRole.CONTROL.value,
-                )
-                .order_by(SystemVM.id)
-                .limit(1)
-            )
-            or ""
-        )
-        parts: dict[str, Any] = {
-            "network": BundleNetwork(
-                name=net.name, cidr=net.cidr, gateway=net.gateway, vlan=net.vlan
-            ),
-            "addresses": RouterAddresses(
-                control_ip=control or "169.254.0.1",
-                guest_ip=net.gateway,
-                public_ips=tuple(ip for ip in (net.source_nat_ip,) if ip),
-            ),
-            "vpn_users": [{"username": u, "password": pw} for u, pw in users],
-            "default_egress_policy": net.default_egress,
-            **({"control_sources": control_sources} if control_sources else {}),
-        }
+        return _bundle_inputs(s, net, control_sources, applied=applied or self._cold(net.id))
+
+    def _cold(self, net_id: int) -> bool:
+        """No build of the network is kept."""
         with self._built_lock:
-            cold = net.id not in self._built
-        applied_json = ""
-        if applied or cold:
-            applied_json = (
-                s.scalar(select(GuestNetwork.router_bundle).where(GuestNetwork.id == net.id)) or ""
-            )
-        return _Inputs(
-            net_id=net.id,
-            parts=parts,
-            stored={r[0]: (r[1], r[2] or "{}") for r in rows},
-            applied_json=applied_json,
-        )
+            return net_id not in self._built
 
     def _build(self, inputs: _Inputs, version: int) -> RouterBundle:
         """The desired bundle, validated, as version `version`. CPU work (validating 10,000 rules
@@ -328,7 +408,7 @@ class RouterService:
         thread, then built: in a thread of its own when large, see `_cpu`)."""
 
         def read(s: Session) -> tuple[int, _Inputs]:
-            net = self._network(s, network)
+            net = _network(s, network)
             return net.router_version + 1, self._bundle_inputs(s, net)
 
         version, inputs = await self.engine.db.run_read(read)
@@ -336,12 +416,12 @@ class RouterService:
 
     async def require(self, network: str) -> None:
         """NotFound unless the network exists (cheap: its rules are not read)."""
-        await self.engine.db.run_read(lambda s: self._network(s, network))
+        await self.engine.db.run_read(functools.partial(_require_network, network=network))
 
     async def show(self, network: str) -> dict[str, Any]:
         def read(s: Session) -> tuple[GuestNetwork, list[RouterRule], SystemVM | None, _Inputs]:
-            net = self._network(s, network)
-            return net, self._rows(s, net.id), self._router_row(s, net), self._bundle_inputs(s, net)
+            net = _network(s, network)
+            return net, self._rows(s, net.id), _router_row(s, net), self._bundle_inputs(s, net)
 
         net, rows, router, inputs = await self.engine.db.run_read(read)
         desired = await _cpu(inputs.size, self._build, inputs, net.router_version + 1)
@@ -363,7 +443,7 @@ class RouterService:
         """What an apply would change: rules added, removed and changed since the last apply."""
 
         def read(s: Session) -> tuple[GuestNetwork, _Inputs]:
-            net = self._network(s, network)
+            net = _network(s, network)
             return net, self._bundle_inputs(s, net, applied=True)
 
         net, inputs = await self.engine.db.run_read(read)
@@ -375,13 +455,6 @@ class RouterService:
             **changes,
             "pending": desired.digest != net.router_digest,
         }
-
-    def _router_row(self, s: Session, net: GuestNetwork) -> SystemVM | None:
-        return s.scalars(
-            select(SystemVM).where(
-                SystemVM.network_id == net.id, SystemVM.state != VMState.DESTROYED.value
-            )
-        ).first()
 
     def _reachable(
         self, net: GuestNetwork, router: SystemVM | None
@@ -430,11 +503,12 @@ class RouterService:
         `control_sources` narrows who may SSH to the router (the data-plane tests cut the engine
         off with it to prove the rollback); the next apply without it restores the default."""
 
-        def read(s: Session) -> tuple[GuestNetwork, SystemVM | None, _Inputs]:
-            net = self._network(s, network)
-            return net, self._router_row(s, net), self._bundle_inputs(s, net, control_sources)
-
-        net, router_row, inputs = await self.engine.db.run_read(read)
+        net, router_row, inputs = await self.engine.db.run_read(
+            functools.partial(_apply_inputs, network=network, control_sources=control_sources)
+        )
+        if self._cold(net.id):
+            applied = await self.engine.db.run_read(functools.partial(_applied_text, net_id=net.id))
+            inputs = dataclasses.replace(inputs, applied_json=applied)
         router, endpoint = self._reachable(net, router_row)
         bundle = await _cpu(inputs.size, self._build, inputs, net.router_version + 1)
         if progress:
@@ -513,23 +587,16 @@ class RouterService:
         text = await _cpu(len(bundle.rules), bundle.to_json)  # megabytes for 10,000 rules
 
         live = str(answer.get("live_digest", ""))
-        statement = (
-            update(GuestNetwork)
-            .where(GuestNetwork.id == net_id)
-            .values(
-                router_version=bundle.version,
-                router_digest=bundle.digest,
-                router_bundle=text,
-                router_live_digest=live,
-                router_expected_live=str(answer.get("expected_live_digest") or live),
-            )
-            .returning(GuestNetwork.name)
+        values = {
+            "router_version": bundle.version,
+            "router_digest": bundle.digest,
+            "router_bundle": text,
+            "router_live_digest": live,
+            "router_expected_live": str(answer.get("expected_live_digest") or live),
+        }
+        name = await self.engine.db.run_write(
+            functools.partial(_record_apply, net_id=net_id, values=values)
         )
-
-        def work(s: Session) -> str:
-            return str(s.execute(statement).scalar_one())
-
-        name = await self.engine.db.run_write(work)
         self._applied[net_id] = bundle
         self._applied.move_to_end(net_id)
         while len(self._applied) > BUILT_KEPT:
@@ -541,11 +608,9 @@ class RouterService:
     async def push_current(self, network_id: int) -> None:
         """A router that (re)started gets the last applied bundle again before it serves."""
 
-        def read(s: Session) -> tuple[GuestNetwork | None, SystemVM | None]:
-            net = s.get(GuestNetwork, network_id)
-            return net, None if net is None else self._router_row(s, net)
-
-        net, router_row = await self.engine.db.run_read(read)
+        net, router_row = await self.engine.db.run_read(
+            functools.partial(_network_by_id_and_router, net_id=network_id)
+        )
         if net is None or not net.router_bundle:
             return
         router, endpoint = self._reachable(net, router_row)
@@ -562,11 +627,9 @@ class RouterService:
     async def check(self, network: str) -> dict[str, Any]:
         """Read back what is live on the router and compare it with what was applied."""
 
-        def read(s: Session) -> tuple[GuestNetwork, SystemVM | None]:
-            net = self._network(s, network)
-            return net, self._router_row(s, net)
-
-        net, router_row = await self.engine.db.run_read(read)
+        net, router_row = await self.engine.db.run_read(
+            functools.partial(_network_and_router, network=network)
+        )
         router, endpoint = self._reachable(net, router_row)
         answer = await self._call(router, endpoint, "sysvm-router check")
         live = str(answer.get("live_digest", ""))

@@ -27,8 +27,10 @@ from backend.db.models import (
     VMState,
     Zone,
 )
+from backend.db.worker import command
 
 
+@command
 def status_tree(s: Session) -> StatusTree:
     """Everything not Destroyed, in a handful of queries whatever the size of the cloud (a unit
     of work for `Database.run_read`: the rows of a big cloud are made into objects off the
@@ -123,6 +125,7 @@ def count_objects(tree: StatusTree) -> dict[str, Any]:
     }
 
 
+@command
 def system_vm_details(
     s: Session, *, zone: str | None = None, name: str | None = None
 ) -> list[dict[str, Any]]:
