@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from backend.db.database import POOL_SIZE, Database
 from backend.db.worker import WorkerGone, command
 from backend.errors import InvalidInput, SysvmError
+from backend.priority import HELPER_NICENESS
 
 
 async def test_a_burst_of_sessions_opens_no_connection_after_open(tmp_path: Path) -> None:
@@ -223,6 +224,7 @@ async def test_a_command_runs_in_the_worker_process_and_its_commit_is_seen_by_th
         assert db.worker.running
         writer_pid = await db.run_write(functools.partial(_create_and_fill, values=[1, 2]))
         reader_pid, rows = await db.run_read(_read_all)
+        niceness = os.getpriority(os.PRIO_PROCESS, reader_pid)
         in_thread = await db.run_read(_count)
         async with db.read() as s:
             in_session = (await s.execute(text("SELECT count(*) FROM t"))).scalar_one()
@@ -230,6 +232,8 @@ async def test_a_command_runs_in_the_worker_process_and_its_commit_is_seen_by_th
         await db.close()
     assert writer_pid == reader_pid != os.getpid()
     assert rows == [1, 2] and in_thread == 2 and in_session == 2
+    # it yields the CPU to the engine's event loop (backend.priority)
+    assert niceness == min(os.getpriority(os.PRIO_PROCESS, 0) + HELPER_NICENESS, 19)
     assert db.worker.gone == "the database was closed"
 
 

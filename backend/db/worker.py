@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from backend.errors import SysvmError
+from backend.priority import lower_priority
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -266,6 +267,7 @@ def _fork_server(control: socket.socket) -> None:
     """The fork server: import PRELOAD, then fork a worker for each database asked for, until
     the engine's process closes the socket. Single-threaded, so a fork copies no lock held."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
+    lower_priority()  # the workers too: the engine's loop gets a CPU first
     for name in PRELOAD:
         importlib.import_module(name)
     control.sendall(b"r")

@@ -33,6 +33,7 @@ from typing import Any
 import asyncssh
 
 from backend.errors import InvalidInput, SysvmError
+from backend.priority import lower_priority
 from backend.transport import frames
 from backend.transport.results import CommandFailed
 from backend.transport.ssh_connections import SSHConnections
@@ -231,6 +232,7 @@ async def serve(fd: int) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) != 1 or not argv[0].isdigit():
         sys.exit("usage: python -m backend.transport.ssh_worker FD (started by the engine)")
+    lower_priority()
     asyncio.run(serve(int(argv[0])))
 
 
