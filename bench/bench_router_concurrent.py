@@ -10,14 +10,16 @@ this run; alone: `python bench/bench_router_concurrent.py [--routers N]`.
 The 100 routers are played by the lab's guest host process (and the processes it starts, such
 as each apply's rollback timer) on this same machine; real routers run on other hosts. So, by
 default, the guest host is kept to the machine's last CPU (the engine may use every CPU), and
-what is measured is the engine, not its routers taking its CPU. `--share-cpus` lets the routers
-run on every CPU too.
+what is measured is the engine, not its routers taking its CPU. `--engine-apart` also keeps the
+engine (its threads and its helper processes) off that CPU: on a machine of two CPUs it then
+has one. `--share-cpus` lets the routers run on every CPU too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -40,38 +42,61 @@ from bench.loop_lag import LoopLag, MachineLag  # noqa: E402
 ROUTERS = 100
 
 
-def _guest_hosts() -> list[int]:
-    """Pids of the lab guest host processes this process started."""
-    found = []
+def _descendants() -> dict[int, list[bytes]]:
+    """Every live process below this one (children, theirs, ...), with its argv."""
+    parents: dict[int, int] = {}
+    argvs: dict[int, list[bytes]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
             continue
-        if parent == os.getpid() and b"backend.lab.guest_host" in argv:
-            found.append(int(entry.name))
-    return found
+        if fields[0] != "Z":
+            parents[int(entry.name)], argvs[int(entry.name)] = int(fields[1]), argv
+    found, mine = {}, {os.getpid()}
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in mine and pid not in mine}
+        if not more:
+            return found
+        mine |= more
+        found.update((pid, argvs[pid]) for pid in more)
 
 
-def keep_routers_to_the_last_cpu() -> int | None:
-    """Keep every thread of the lab's guest host (and so what it starts later) on the last CPU;
-    returns that CPU, or None on a machine with one CPU."""
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Keep every thread of process `pid` (and so what it starts later) on `cpus`."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def keep_routers_to_the_last_cpu(*, engine_apart: bool = False) -> int | None:
+    """Keep the lab's guest host (the routers, and what it starts later) on the last CPU (it
+    plays the other hosts), and with `engine_apart` the engine (its threads, its helper
+    processes) on the others. Returns that CPU, or None on a machine with one CPU."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return None
-    hosts = _guest_hosts()
+    below = _descendants()
+    hosts = [pid for pid, argv in below.items() if b"backend.lab.guest_host" in argv]
     assert hosts, "no lab guest host process found"
     for pid in hosts:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            os.sched_setaffinity(int(task.name), {cpus[-1]})
+        _pin(pid, {cpus[-1]})
+    if engine_apart:
+        for pid in set(below) - set(hosts):
+            _pin(pid, set(cpus[:-1]))
+        _pin(os.getpid(), set(cpus[:-1]))
     return cpus[-1]
 
 
 async def many_routers(
-    count: int, *, trace_over_ms: float | None = None, share_cpus: bool = False
+    count: int,
+    *,
+    trace_over_ms: float | None = None,
+    share_cpus: bool = False,
+    engine_apart: bool = False,
 ) -> dict[str, Any]:
     """`count` routers of one engine apply at once; the engine's loop is sampled meanwhile.
     With `trace_over_ms`, the loop thread's stack during longer stalls is printed to stderr.
@@ -98,7 +123,9 @@ async def many_routers(
                     "source_cidrs": ["0.0.0.0/0"],
                 },
             )
-        routers_cpu = None if share_cpus else keep_routers_to_the_last_cpu()
+        routers_cpu = (
+            None if share_cpus else keep_routers_to_the_last_cpu(engine_apart=engine_apart)
+        )
         with MachineLag() as idle_machine, LoopLag() as idle:
             await asyncio.sleep(2)
         start = time.perf_counter()
@@ -114,6 +141,7 @@ async def many_routers(
         return {
             "routers": len(networks),
             "routers_cpu": "shared" if routers_cpu is None else routers_cpu,
+            "engine_cpus": "all but the routers'" if engine_apart and routers_cpu else "all",
             "wall_s": round(wall, 2),
             "loop_stall": busy.summary(),
             "idle_loop_stall": idle.summary(),
@@ -139,9 +167,17 @@ async def main() -> None:
         action="store_true",
         help="let the lab's routers run on every CPU, the engine's too (default: the last one)",
     )
+    parser.add_argument(
+        "--engine-apart",
+        action="store_true",
+        help="keep the engine off the routers' CPU too (default: it may use every CPU)",
+    )
     args = parser.parse_args()
     figures = await many_routers(
-        args.routers, trace_over_ms=args.trace_stalls, share_cpus=args.share_cpus
+        args.routers,
+        trace_over_ms=args.trace_stalls,
+        share_cpus=args.share_cpus,
+        engine_apart=args.engine_apart,
     )
     out = {"name": "router_concurrent", "figures": figures}
     out["target"] = {"loop_stall_max_ms": 10}
