@@ -1,5 +1,5 @@
-"""The engine's database: units of work run in the database's threads, async sessions,
-migrations on start, and safe writes.
+"""The engine's database: commands run in its worker process, units of work in its threads,
+async sessions, migrations on start, and safe writes.
 
 SQLite (the default) allows one writer at a time; writes in this process go through one lock
 and retry on `database is locked`, so concurrent services never see spurious failures.
@@ -131,8 +131,11 @@ class Database:
     """Access to one SQLite database file, two ways.
 
     `run_read(work)` and `run_write(work)` run `work(session)`, a plain function given a
-    synchronous session, whole in one of the database's two threads (one reads, one writes),
-    and hand back its result: one hop from the event loop per unit of work. Prefer them. An
+    synchronous session, whole, and hand back its result: one hop from the event loop per unit
+    of work. Prefer them, with a command (`backend.db.worker`: a marked module-level function,
+    or a partial of one, that needs nothing of the engine's memory): it runs in the database's
+    worker process, so SQLAlchemy's Python does not hold the GIL the loop needs. Any other unit
+    (a closure) runs in one of the database's two threads (one reads, one writes). An
     async session (`read()`, `write()`) hops to its aiosqlite thread for every statement, fetch,
     commit and rollback: a lookup by name costs ~1-1.5 ms of the loop's CPU that way against
     ~0.1 ms (`bench/bench_db_hops.py`), which counts when a hundred jobs run at once.
