@@ -217,7 +217,7 @@ async def test_a_command_runs_in_the_worker_process_and_its_commit_is_seen_by_th
 ) -> None:
     """A command (module-level, marked) runs in the worker process, commits there, and what it
     wrote is read back by another command, by the engine's reading thread and by an async
-    session; a closure still runs in the engine's process."""
+    session; a closure, or a command said to be large, runs in the engine's process."""
     db = Database(tmp_path / "sysvm.db")
     await db.open()
     try:
@@ -225,6 +225,7 @@ async def test_a_command_runs_in_the_worker_process_and_its_commit_is_seen_by_th
         writer_pid = await db.run_write(functools.partial(_create_and_fill, values=[1, 2]))
         reader_pid, rows = await db.run_read(_read_all)
         niceness = os.getpriority(os.PRIO_PROCESS, reader_pid)
+        large_pid, large_rows = await db.run_read(_read_all, large=True)
         in_thread = await db.run_read(_count)
         async with db.read() as s:
             in_session = (await s.execute(text("SELECT count(*) FROM t"))).scalar_one()
@@ -232,6 +233,7 @@ async def test_a_command_runs_in_the_worker_process_and_its_commit_is_seen_by_th
         await db.close()
     assert writer_pid == reader_pid != os.getpid()
     assert rows == [1, 2] and in_thread == 2 and in_session == 2
+    assert large_pid == os.getpid() and large_rows == [1, 2]  # megabytes are not copied there
     # it yields the CPU to the engine's event loop (backend.priority)
     assert niceness == min(os.getpriority(os.PRIO_PROCESS, 0) + HELPER_NICENESS, 19)
     assert db.worker.gone == "the database was closed"

@@ -48,6 +48,11 @@ INLINE_RULES = 32
 one in a thread. For a one-rule bundle these took 0.23-0.52, 0.07 and 0.06 ms: less than a hop
 to a thread and back, and that thread competes with the loop for the GIL."""
 
+LARGE_RULES = 1000
+"""A network with more rules than this is read and recorded in the database's threads, not its
+worker process (`Database.run_read(large=True)`): a rule is ~130 bytes to copy there and back,
+and with 10,000 the copies made an apply's read 61 ms against 34, its record 30 against 9."""
+
 T = TypeVar("T")
 
 
@@ -282,6 +287,9 @@ class RouterService:
         # The last bundle applied per network id: what the router runs, so the next apply can
         # send a patch of it instead of the whole bundle.
         self._applied: OrderedDict[int, RouterBundle] = OrderedDict()
+        # Rules of each network's last applied bundle, by name: a large one is read in the
+        # database's threads (LARGE_RULES).
+        self._rules: dict[str, int] = {}
 
     def _rows(self, s: Session, net_id: int) -> list[RouterRule]:
         return list(
@@ -504,13 +512,15 @@ class RouterService:
         off with it to prove the rollback); the next apply without it restores the default."""
 
         net, router_row, inputs = await self.engine.db.run_read(
-            functools.partial(_apply_inputs, network=network, control_sources=control_sources)
+            functools.partial(_apply_inputs, network=network, control_sources=control_sources),
+            large=self._rules.get(network, 0) > LARGE_RULES,
         )
         if self._cold(net.id):
             applied = await self.engine.db.run_read(functools.partial(_applied_text, net_id=net.id))
             inputs = dataclasses.replace(inputs, applied_json=applied)
         router, endpoint = self._reachable(net, router_row)
         bundle = await _cpu(inputs.size, self._build, inputs, net.router_version + 1)
+        self._rules[network] = len(bundle.rules)
         if progress:
             await progress(20, f"applying version {bundle.version} to {router.name}")
         applied_at = asyncio.get_running_loop().time()
@@ -595,7 +605,8 @@ class RouterService:
             "router_expected_live": str(answer.get("expected_live_digest") or live),
         }
         name = await self.engine.db.run_write(
-            functools.partial(_record_apply, net_id=net_id, values=values)
+            functools.partial(_record_apply, net_id=net_id, values=values),
+            large=len(bundle.rules) > LARGE_RULES,
         )
         self._applied[net_id] = bundle
         self._applied.move_to_end(net_id)
