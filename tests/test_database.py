@@ -6,9 +6,11 @@ the loop), and nested sessions never deadlock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -313,3 +315,20 @@ async def test_a_killed_worker_fails_its_command_clearly_and_the_engine_goes_on_
         await db.close()
     assert reader_pid == os.getpid()
     assert rows == [1]  # the killed command's transaction was never committed
+
+
+async def test_closing_the_database_waits_for_the_commands_in_flight(tmp_path: Path) -> None:
+    """Closing sends the worker nothing more but still takes its answers: a write in flight
+    is answered to its caller before `close()` returns, and it is committed."""
+    db = Database(tmp_path / "sysvm.db")
+    await db.open()
+    await db.run_write(functools.partial(_create_and_fill, values=[]))
+    slow = asyncio.create_task(
+        db.run_write(functools.partial(_insert_slowly, values=[1, 2], pause=0.3))
+    )
+    await asyncio.sleep(0.1)
+    await db.close()
+    assert slow.done() and slow.exception() is None
+    with contextlib.closing(sqlite3.connect(tmp_path / "sysvm.db")) as conn:
+        rows = sorted(r[0] for r in conn.execute("SELECT x FROM t"))
+    assert rows == [1, 2]

@@ -179,14 +179,13 @@ class DatabaseWorker:
                     )
 
     async def stop(self) -> None:
-        """Close the socket: the worker finishes what it received and exits (then its end of
-        the socket closes); one that does not within STOP_TIMEOUT is killed."""
+        """Send no more: the worker finishes what it received (its answers still arrive) and
+        exits, which closes its end; one that has not within STOP_TIMEOUT is killed."""
         writer, self._writer = self._writer, None
         if writer is None:
             return
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        with contextlib.suppress(OSError):
+            writer.write_eof()
         if self._answers is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._answers), STOP_TIMEOUT)
@@ -198,6 +197,9 @@ class DatabaseWorker:
                 self._answers.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._answers
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 _server_lock = threading.Lock()
