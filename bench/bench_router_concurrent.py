@@ -103,6 +103,10 @@ async def many_routers(
     Unless `share_cpus`, the lab's routers are kept to the last CPU (see the module's doc)."""
     home = Path(tempfile.mkdtemp(prefix="sysvm-bench-"))
     zones = (count + 1) // 2
+    cpus = sorted(os.sched_getaffinity(0))
+    if engine_apart and not share_cpus and len(cpus) > 1:
+        # before the engine starts, which sizes itself to its CPUs (the routers move later)
+        _pin(os.getpid(), set(cpus[:-1]))
     engine = Engine(load_config(home=home, env={"SYSVM_HOME": str(home)}))
     await engine.start()
     try:

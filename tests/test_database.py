@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
-from backend.db.database import POOL_SIZE, Database
+from backend.db.database import ONE_CPU, POOL_SIZE, Database
 from backend.db.worker import WorkerGone, command
 from backend.errors import InvalidInput, SysvmError
 from backend.priority import HELPER_NICENESS
@@ -175,6 +175,11 @@ async def test_a_cancelled_unit_of_work_still_commits_whole_before_the_next_writ
 
 # Commands: module-level units of work, run in the database's worker process.
 
+needs_two_cpus = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2,
+    reason="this machine gives one CPU: the engine starts no database worker there",
+)
+
 
 @command
 def _create_and_fill(s: Session, *, values: list[int]) -> int:
@@ -214,6 +219,7 @@ def _count(s: Session) -> int:
     return int(s.execute(text("SELECT count(*) FROM t")).scalar_one())
 
 
+@needs_two_cpus
 async def test_a_command_runs_in_the_worker_process_and_its_commit_is_seen_by_the_engine(
     tmp_path: Path,
 ) -> None:
@@ -241,6 +247,7 @@ async def test_a_command_runs_in_the_worker_process_and_its_commit_is_seen_by_th
     assert db.worker.gone == "the database was closed"
 
 
+@needs_two_cpus
 async def test_a_failing_command_raises_its_error_here_and_leaves_nothing(tmp_path: Path) -> None:
     """The exception of a command is raised to its caller with its type and fields (an invalid
     field stays named); its transaction is rolled back. An exception that cannot travel
@@ -263,6 +270,7 @@ async def test_a_failing_command_raises_its_error_here_and_leaves_nothing(tmp_pa
     assert rows == [1]
 
 
+@needs_two_cpus
 async def test_a_cancelled_command_still_commits_whole_before_the_next_write(
     tmp_path: Path,
 ) -> None:
@@ -291,6 +299,7 @@ async def test_a_cancelled_command_still_commits_whole_before_the_next_write(
     assert rows == [1, 2, 3]
 
 
+@needs_two_cpus
 async def test_a_killed_worker_fails_its_command_clearly_and_the_engine_goes_on_without_it(
     tmp_path: Path,
 ) -> None:
@@ -317,6 +326,7 @@ async def test_a_killed_worker_fails_its_command_clearly_and_the_engine_goes_on_
     assert rows == [1]  # the killed command's transaction was never committed
 
 
+@needs_two_cpus
 async def test_closing_the_database_waits_for_the_commands_in_flight(tmp_path: Path) -> None:
     """Closing sends the worker nothing more but still takes its answers: a write in flight
     is answered to its caller before `close()` returns, and it is committed."""
@@ -332,3 +342,22 @@ async def test_closing_the_database_waits_for_the_commands_in_flight(tmp_path: P
     with contextlib.closing(sqlite3.connect(tmp_path / "sysvm.db")) as conn:
         rows = sorted(r[0] for r in conn.execute("SELECT x FROM t"))
     assert rows == [1, 2]
+
+
+async def test_an_engine_kept_to_one_cpu_runs_commands_in_its_threads(tmp_path: Path) -> None:
+    """On one CPU a worker process would take the CPU the loop needs: none is started, and
+    commands run in the engine's threads."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # this thread only: the one that opens the database
+    try:
+        db = Database(tmp_path / "sysvm.db")
+        await db.open()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    try:
+        await db.run_write(functools.partial(_create_and_fill, values=[1]))
+        pid, rows = await db.run_read(_read_all)
+    finally:
+        await db.close()
+    assert db.worker.gone == ONE_CPU and db.worker.pid is None
+    assert pid == os.getpid() and rows == [1]

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 POOL_SIZE = 32
 """Connections kept open (each an aiosqlite thread), and sessions open at once outside another."""
 
+ONE_CPU = "not started: the engine may use one CPU only"
+"""Why an engine kept to one CPU runs its commands in its threads: a worker process would take
+that CPU from the loop (`bench/bench_router_concurrent.py --engine-apart`, 100 routers: the
+loop's longest stall 28-35 ms with the worker against 11-17 ms without, 6 runs each)."""
+
 _in_session: ContextVar[bool] = ContextVar("sysvm_db_in_session", default=False)
 
 
@@ -175,6 +180,9 @@ class Database:
         async with contextlib.AsyncExitStack() as pooled:
             for _ in range(POOL_SIZE):
                 await pooled.enter_async_context(self.engine.connect())
+        if len(os.sched_getaffinity(0)) < 2:
+            self.worker.gone = ONE_CPU
+            return revision
         try:
             await self.worker.start()
         except Exception as exc:  # the engine still works: commands run in its threads
