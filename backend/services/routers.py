@@ -177,16 +177,11 @@ def _bundle_inputs(
         "default_egress_policy": net.default_egress,
         **({"control_sources": control_sources} if control_sources else {}),
     }
-    applied_json = ""
-    if applied:
-        applied_json = (
-            s.scalar(select(GuestNetwork.router_bundle).where(GuestNetwork.id == net.id)) or ""
-        )
     return _Inputs(
         net_id=net.id,
         parts=parts,
         stored={r[0]: (r[1], r[2] or "{}") for r in rows},
-        applied_json=applied_json,
+        applied_json=_applied_text(s, net_id=net.id) if applied else "",
     )
 
 
@@ -516,7 +511,10 @@ class RouterService:
             large=self._rules.get(network, 0) > LARGE_RULES,
         )
         if self._cold(net.id):
-            applied = await self.engine.db.run_read(functools.partial(_applied_text, net_id=net.id))
+            applied = await self.engine.db.run_read(
+                functools.partial(_applied_text, net_id=net.id),
+                large=len(inputs.stored) > LARGE_RULES,
+            )
             inputs = dataclasses.replace(inputs, applied_json=applied)
         router, endpoint = self._reachable(net, router_row)
         bundle = await _cpu(inputs.size, self._build, inputs, net.router_version + 1)
