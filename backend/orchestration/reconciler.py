@@ -79,14 +79,17 @@ _ZONE_VMS = (
 
 
 @command
-def _zones_state(s: Session, zone_id: int | None = None) -> dict[int, ZoneView]:
-    """Every enabled zone's (or only `zone_id`'s) transfers in progress and system VMs."""
-    out: dict[int, ZoneView] = {z: (n, {}) for z, n in _transfers(s, zone_id).items()}
+def _zone_state(s: Session, *, zone_id: int) -> ZoneView | None:
+    """The zone's transfers in progress and system VMs; None if it is not enabled (or gone)."""
+    transfers = _transfers(s, zone_id)
+    if zone_id not in transfers:
+        return None
+    out: ZoneView = (transfers[zone_id], {})
     vms = s.scalars(
-        select(SystemVM).where(SystemVM.zone_id.in_(out), *_ZONE_VMS).order_by(SystemVM.id)
+        select(SystemVM).where(SystemVM.zone_id == zone_id, *_ZONE_VMS).order_by(SystemVM.id)
     )
     for vm in vms:
-        out[vm.zone_id][1].setdefault(SystemVMType(vm.type), []).append(vm)
+        out[1].setdefault(SystemVMType(vm.type), []).append(vm)
     return out
 
 
@@ -232,10 +235,10 @@ class Reconciler:
     async def reconcile_zone(self, zone_id: int) -> None:
         """Bring an enabled zone to the system VMs its load needs (a disabled one is left)."""
         async with self._zone_locks.setdefault(zone_id, asyncio.Lock()):
-            zones = await self.engine.db.run_read(functools.partial(_zones_state, zone_id=zone_id))
-            if zone_id not in zones:
+            state = await self.engine.db.run_read(functools.partial(_zone_state, zone_id=zone_id))
+            if state is None:
                 return  # disabled or gone: nothing is started there
-            transfers, vms = zones[zone_id]
+            transfers, vms = state
             wanted = self._wanted(zone_id, transfers)
             await asyncio.gather(
                 *(self._converge(zone_id, t, n, vms.get(t, [])) for t, n in wanted.items())
