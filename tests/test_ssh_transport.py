@@ -22,7 +22,7 @@ import pytest
 
 from backend.appliance.endpoint import ApplianceEndpoints, CommandContext
 from backend.errors import HostKeyMismatch, TransportError, TransportTimeout
-from backend.priority import HELPER_NICENESS
+from backend.helper_processes import HELPER_NICENESS
 from backend.transport import frames
 from backend.transport.ssh import (
     SystemVMTransport,
@@ -297,7 +297,7 @@ async def test_ssh_connections_live_in_the_transports_worker_process_not_the_cal
     assert _tcp_peers(worker, port) == 1  # one connection, reused, held by the worker
     assert _tcp_peers(os.getpid(), port) == 0
     assert lab.endpoints.connections_accepted(VM) == 1
-    # it yields the CPU to the caller's event loop (backend.priority)
+    # it yields the CPU to the caller's event loop (backend.helper_processes)
     wanted = min(os.getpriority(os.PRIO_PROCESS, 0) + HELPER_NICENESS, 19)
     assert os.getpriority(os.PRIO_PROCESS, worker) == wanted
 

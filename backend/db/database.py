@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -19,7 +20,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -37,11 +38,6 @@ log = logging.getLogger(__name__)
 
 POOL_SIZE = 32
 """Connections kept open (each an aiosqlite thread), and sessions open at once outside another."""
-
-ONE_CPU = "not started: the engine may use one CPU only"
-"""Why an engine kept to one CPU runs its commands in its threads: a worker process would take
-that CPU from the loop (`bench/bench_router_concurrent.py --engine-apart`, 100 routers: the
-loop's longest stall 28-35 ms with the worker against 11-17 ms without, 6 runs each)."""
 
 _in_session: ContextVar[bool] = ContextVar("sysvm_db_in_session", default=False)
 
@@ -161,13 +157,7 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = asyncio.Lock()
         self._session_slots = asyncio.Semaphore(POOL_SIZE)
-        # pysqlite connections for the threads (SQLAlchemy opens a file database's with
-        # check_same_thread off, so the pool may close them from any thread).
-        self.sync_engine = create_engine(
-            sqlite_url(path, driver="pysqlite"), pool_size=2, max_overflow=2, pool_timeout=60
-        )
-        event.listen(self.sync_engine, "connect", _sqlite_pragmas)
-        self._sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
+        self.sync_engine, self._sync_sessions = sync_sessions(path)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sysvm-db-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sysvm-db-write")
         self.worker = DatabaseWorker(path)
@@ -180,14 +170,7 @@ class Database:
         async with contextlib.AsyncExitStack() as pooled:
             for _ in range(POOL_SIZE):
                 await pooled.enter_async_context(self.engine.connect())
-        if len(os.sched_getaffinity(0)) < 2:
-            self.worker.gone = ONE_CPU
-            return revision
-        try:
-            await self.worker.start()
-        except Exception as exc:  # the engine still works: commands run in its threads
-            log.warning("no database worker process (%s); commands run in the engine", exc)
-            self.worker.gone = f"it could not start: {exc}"
+        await self.worker.start()
         return revision
 
     async def close(self) -> None:
@@ -207,15 +190,14 @@ class Database:
         Objects it returns are detached: load in `work` what the caller needs. A command whose
         arguments or result are `large` (megabytes) runs in the thread too: copying them to and
         from the worker costs more than the GIL it saves (10,000 rules: 61 ms against 34)."""
-        if self.worker.running and is_command(work) and not large:
+        if self._in_worker(work, large):
             return await self.worker.call(READ, work)
         return await asyncio.get_running_loop().run_in_executor(
-            self._reader, self._read_in_thread, work
+            self._reader, functools.partial(run_unit, self._sync_sessions, work, write=False)
         )
 
-    def _read_in_thread(self, work: Callable[[Session], T]) -> T:
-        with self._sync_sessions() as session:
-            return work(session)
+    def _in_worker(self, work: Callable[[Session], T], large: bool) -> bool:
+        return self.worker.running and is_command(work) and not large
 
     async def run_write(
         self, work: Callable[[Session], T], *, retries: int = 20, large: bool = False
@@ -229,9 +211,11 @@ class Database:
         loop = asyncio.get_running_loop()
 
         def attempt() -> Awaitable[T]:
-            if self.worker.running and is_command(work) and not large:
+            if self._in_worker(work, large):
                 return self.worker.call(WRITE, work)
-            return loop.run_in_executor(self._writer, self._write_in_thread, work)
+            return loop.run_in_executor(
+                self._writer, functools.partial(run_unit, self._sync_sessions, work, write=True)
+            )
 
         return await _uncut(self._while_busy(attempt, retries))
 
@@ -249,12 +233,6 @@ class Database:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
         raise AssertionError("unreachable")
-
-    def _write_in_thread(self, work: Callable[[Session], T]) -> T:
-        with self._sync_sessions() as session:
-            result = work(session)
-            session.commit()
-            return result
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -298,6 +276,26 @@ class Database:
                     yield session
             finally:
                 _in_session.reset(token)
+
+
+def sync_sessions(path: Path) -> tuple[Engine, sessionmaker[Session]]:
+    """Synchronous sessions on the database at `path` (pysqlite; SQLAlchemy opens a file
+    database's connections with check_same_thread off, so the pool may close them from any
+    thread): for the database's threads and its worker process."""
+    engine = create_engine(
+        sqlite_url(path, driver="pysqlite"), pool_size=2, max_overflow=2, pool_timeout=60
+    )
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def run_unit(sessions: sessionmaker[Session], work: Callable[[Session], T], *, write: bool) -> T:
+    """`work(session)` in a session of its own; committed at the end when `write`."""
+    with sessions() as session:
+        result = work(session)
+        if write:
+            session.commit()
+        return result
 
 
 async def _uncut(work: Awaitable[T]) -> T:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from backend.errors import SysvmError
-from backend.priority import lower_priority
+from backend.helper_processes import helper_env, lower_priority
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,7 +60,6 @@ UNPICKLE_INLINE = 256 * 1024
 """An answer longer than this (the rules of a large network) is unpickled in a thread."""
 
 PRELOAD = [
-    "backend.db.worker",
     "backend.db.models",
     "backend.engine.jobs",
     "backend.engine.events",
@@ -69,14 +68,18 @@ PRELOAD = [
     "backend.orchestration.reconciler",
     "backend.orchestration.host_monitor",
 ]
-"""What the server process that forks the workers imports once: this module, the models and
-the modules that define commands."""
+"""What the server process that forks the workers imports once: the models and the modules
+that define commands."""
+
+ONE_CPU = "not started: the engine may use one CPU only"
+"""Why an engine kept to one CPU runs its commands in its threads: a worker process would take
+that CPU from the loop (`bench/bench_router_concurrent.py --engine-apart`, 100 routers: the
+loop's longest stall 28-35 ms with the worker against 11-17 ms without, 6 runs each)."""
 
 START_TIMEOUT = 60.0
 """Seconds the fork server may take to import PRELOAD (~1 s here)."""
 STOP_TIMEOUT = 30.0
 """Seconds a closed worker may take to finish what it received before it is killed."""
-_IMPORT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def command(fn: F) -> F:
@@ -110,6 +113,18 @@ class DatabaseWorker:
         self.gone: str | None = None
 
     async def start(self) -> None:
+        """Start the worker, unless the engine may use one CPU only; if it cannot start, say
+        why (`gone`): commands then run in the engine's threads."""
+        if len(os.sched_getaffinity(0)) < 2:
+            self.gone = ONE_CPU
+            return
+        try:
+            await self._start()
+        except Exception as exc:
+            log.warning("no database worker process (%s); commands run in the engine", exc)
+            self.gone = f"it could not start: {exc}"
+
+    async def _start(self) -> None:
         ours, theirs = socket.socketpair()
         try:
             # The first start also starts the fork server (it imports PRELOAD): not on the loop.
@@ -226,15 +241,13 @@ def _fork_worker(path: str, sock: socket.socket) -> int:
 
 def _start_server() -> tuple[subprocess.Popen[bytes], socket.socket]:
     ours, theirs = socket.socketpair()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH")) if p)
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", __name__, "--fork-server", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            env=env,
+            env=helper_env(),
             cwd="/",
             start_new_session=True,  # a ^C in the operator's terminal is the engine's to handle
         )
@@ -298,14 +311,9 @@ def _fork_server(control: socket.socket) -> None:
 
 def serve(sock: socket.socket, path: str) -> None:
     """The worker process: run the commands read from `sock` until it closes."""
-    from sqlalchemy import create_engine, event
-    from sqlalchemy.orm import sessionmaker
+    from backend.db.database import run_unit, sync_sessions
 
-    from backend.db.database import _sqlite_pragmas, sqlite_url
-
-    engine = create_engine(sqlite_url(Path(path), driver="pysqlite"), pool_size=2)
-    event.listen(engine, "connect", _sqlite_pragmas)
-    sessions = sessionmaker(engine, expire_on_commit=False)
+    engine, sessions = sync_sessions(Path(path))
     sending = threading.Lock()
 
     def answer(number: int, ok: bool, data: bytes) -> None:
@@ -316,11 +324,7 @@ def serve(sock: socket.socket, path: str) -> None:
         while (item := inbox.get()) is not None:
             number, payload = item
             try:
-                unit = pickle.loads(payload)
-                with sessions() as session:
-                    result = unit(session)
-                    if write:
-                        session.commit()
+                result = run_unit(sessions, pickle.loads(payload), write=write)
                 answer(number, True, pickle.dumps(result, protocol=5))
             except Exception as exc:  # handed to the caller, raised there
                 answer(number, False, _pickled(exc))

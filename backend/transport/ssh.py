@@ -29,6 +29,7 @@ from backend.errors import (
     TransportError,
     TransportTimeout,
 )
+from backend.helper_processes import helper_env
 from backend.transport import frames
 from backend.transport.results import CommandFailed, CommandResult
 
@@ -50,7 +51,6 @@ START_TIMEOUT = 30.0
 """How long the worker process may take to start (it imports asyncssh and cryptography)."""
 CANCEL_TIMEOUT = 10.0
 """How long a cancelled request waits for the worker to say it stopped."""
-_IMPORT_ROOT = str(Path(__file__).resolve().parents[2])
 _FINAL = frozenset({"result", "end", "error", "cancelled"})
 _ERRORS: dict[str, type[TransportError] | type[HostKeyMismatch]] = {
     "TransportError": TransportError,
@@ -150,8 +150,6 @@ class _Worker:
     @classmethod
     async def start(cls, init: dict[str, Any], key: bytes) -> _Worker:
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH")) if p)
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -162,7 +160,7 @@ class _Worker:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                env=env,
+                env=helper_env(),
                 cwd="/",
             )
         except OSError as exc:

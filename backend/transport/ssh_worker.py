@@ -33,7 +33,7 @@ from typing import Any
 import asyncssh
 
 from backend.errors import InvalidInput, SysvmError
-from backend.priority import lower_priority
+from backend.helper_processes import lower_priority
 from backend.transport import frames
 from backend.transport.results import CommandFailed
 from backend.transport.ssh_connections import SSHConnections

@@ -1,4 +1,7 @@
-"""The engine's helper processes yield the CPU to its event loop.
+"""The engine's helper processes (the database's worker, the SSH worker): what they run with.
+
+They import the engine's code from where the engine runs (`helper_env`), whatever the
+directory they start in, and they yield the CPU to its event loop (`lower_priority`).
 
 The database's worker and the SSH worker do the engine's bulk CPU work (SQL, encryption) beside
 its event loop, which answers every client. On a machine with few CPUs all three want one at
@@ -13,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
+
+_IMPORT_ROOT = str(Path(__file__).resolve().parents[1])
 
 HELPER_NICENESS = 10
 """Added to the niceness of the engine's helper processes (capped by the system at 19)."""
@@ -23,3 +29,11 @@ def lower_priority() -> None:
     HELPER_NICENESS."""
     with contextlib.suppress(OSError):
         os.nice(HELPER_NICENESS)
+
+
+def helper_env() -> dict[str, str]:
+    """The engine's environment, with its code first on PYTHONPATH (`python -m backend...`
+    then works from any directory)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH")) if p)
+    return env
