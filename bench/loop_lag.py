@@ -1,4 +1,6 @@
-"""How late the running event loop wakes a 1 ms sleep: its stalls, for the benchmarks.
+"""How late the running event loop wakes a 1 ms sleep: its stalls, for the benchmarks. Also
+the CPU time of every iteration's work (`iteration_cpu_*`): the part of a stall that the loop's
+own callbacks made, whatever the machine's scheduling added to it.
 
 With `trace_over_ms`, a watchdog thread also samples the loop thread's stack whenever the
 loop has not woken for that long (and where the other threads were), collections of the
@@ -46,6 +48,9 @@ class LoopLag:
         # used most CPU)
         self.iterations: list[tuple[float, float, float, int, str]] = []
         self._untime: Callable[[], None] | None = None
+        # CPU ms of every iteration's work: what the loop's own callbacks cost, whatever the
+        # machine's scheduling added to the stalls
+        self.iteration_cpu: list[float] = []
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,11 +108,12 @@ class LoopLag:
             )
             self._watchdog.start()
             gc.callbacks.append(self._time_gc)
-            self._time_iterations(asyncio.get_running_loop(), self._trace_over)
+        self._time_iterations(asyncio.get_running_loop(), self._trace_over)
         return self
 
-    def _time_iterations(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
-        """Record the loop's iterations whose work (after the poll) took `limit` or longer."""
+    def _time_iterations(self, loop: asyncio.AbstractEventLoop, limit: float | None) -> None:
+        """Time every iteration's work (after the poll): its CPU time, in `iteration_cpu`; with
+        a `limit`, also record the iterations that took that long or longer, in detail."""
         selector = loop._selector  # type: ignore[attr-defined]
         poll, run_once = selector.select, loop._run_once  # type: ignore[attr-defined]
         handle_run = asyncio.events.Handle._run
@@ -120,16 +126,11 @@ class LoopLag:
 
         def timed_poll(timeout: float | None = None) -> object:
             events = poll(timeout)
-            polled[:] = [
-                time.perf_counter(),
-                time.thread_time(),
-                _queued(),
-                _switches(),
-                _stolen(),
-                0,
-            ]
-            by_owner.clear()
-            slowest[:] = [0.0, ""]
+            polled[0], polled[1] = time.perf_counter(), time.thread_time()
+            if limit is not None:
+                polled[2:] = [_queued(), _switches(), _stolen(), 0]
+                by_owner.clear()
+                slowest[:] = [0.0, ""]
             return events
 
         def counted_run(handle: asyncio.Handle) -> None:
@@ -146,8 +147,11 @@ class LoopLag:
         def timed_run_once() -> None:
             polled[0] = 0.0
             run_once()
-            if polled[0] and (took := time.perf_counter() - polled[0]) >= limit:
-                cpu = time.thread_time() - polled[1]
+            if not polled[0]:
+                return
+            cpu = time.thread_time() - polled[1]
+            self.iteration_cpu.append(cpu * 1000)
+            if limit is not None and (took := time.perf_counter() - polled[0]) >= limit:
                 queued = _queued() - polled[2]
                 switches = _switches() - polled[3]
                 stolen = _stolen() - polled[4]
@@ -167,9 +171,13 @@ class LoopLag:
                 )
 
         selector.select, loop._run_once = timed_poll, timed_run_once  # type: ignore[attr-defined]
-        asyncio.events.Handle._run = counted_run  # type: ignore[method-assign,assignment]
+        if limit is not None:
+            asyncio.events.Handle._run = counted_run  # type: ignore[method-assign,assignment]
 
         def untime() -> None:
+            # the iteration running now (the `with` block's exit, and whatever the caller does
+            # next in the same step) is not the loop's work under test: not recorded
+            polled[0] = 0.0
             del selector.select, loop._run_once  # type: ignore[attr-defined]
             asyncio.events.Handle._run = handle_run  # type: ignore[method-assign]
 
@@ -190,9 +198,11 @@ class LoopLag:
         s = sorted(self.samples) or [0.0]
         return {
             "max_ms": round(s[-1], 2),
-            "p99_ms": round(s[int(len(s) * 0.99)], 2),
+            "p99_ms": round(_p99(s), 2),
             "median_ms": round(statistics.median(s), 3),
             "over_10ms": sum(ms > 10 for ms in s),
+            "iteration_cpu_max_ms": round(max(self.iteration_cpu, default=0.0), 2),
+            "iteration_cpu_p99_ms": round(_p99(self.iteration_cpu), 3),
         }
 
     def print_stacks(self, file: TextIO | None = None) -> None:
@@ -258,7 +268,7 @@ class MachineLag:
         }
         return {
             "max_ms": round(every[-1], 2),
-            "p99_ms": round(every[int(len(every) * 0.99)], 2),
+            "p99_ms": round(_p99(every), 2),
             "over_10ms": sum(ms > 10 for ms in every),
             "max_per_cpu_ms": worst,
             "policy": self.policy,
@@ -282,6 +292,11 @@ def _probe_machine(cpu: int) -> None:
         time.sleep(0.001)
         late.append(round((time.perf_counter() - t - 0.001) * 1000, 3))
     print(json.dumps({"cpu": cpu, "late_ms": late}))
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values) or [0.0]
+    return ordered[int(len(ordered) * 0.99)]
 
 
 def _queued() -> float:
