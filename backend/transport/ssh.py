@@ -32,6 +32,7 @@ from backend.errors import (
 from backend.helper_processes import helper_env
 from backend.transport import frames
 from backend.transport.results import CommandFailed, CommandResult
+from backend.turns import take_turn
 
 __all__ = [
     "CommandFailed",
@@ -350,6 +351,7 @@ class SystemVMTransport:
                 data or b"",
             )
             header, payload = await call.next()
+        await take_turn()
         if header["op"] != "result":
             _raise_error(header)
         out = int(header["out"])
