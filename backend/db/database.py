@@ -190,7 +190,8 @@ class Database:
         `backend.db.worker`), else in the reading thread; nothing it changes is committed.
         Objects it returns are detached: load in `work` what the caller needs. A command whose
         arguments or result are `large` (megabytes) runs in the thread too: copying them to and
-        from the worker costs more than the GIL it saves (10,000 rules: 61 ms against 34)."""
+        from the worker costs more than the GIL it saves (10,000 rules: 61 ms against 34).
+        With the answer, the caller takes its turn on the loop (`backend.turns`)."""
         if self._in_worker(work, large):
             result = await self.worker.call(READ, work)
         else:
@@ -211,7 +212,8 @@ class Database:
         in one transaction committed at the
         end, under the same lock as `write()`, retried while SQLite is busy (so `work` must be
         safe to run again). A cancelled caller gets CancelledError at once; the transaction
-        still ends whole (a thread cannot be cut), and the lock is held until it has."""
+        still ends whole (a thread cannot be cut), and the lock is held until it has. With the
+        answer, the caller takes its turn on the loop (`backend.turns`)."""
         loop = asyncio.get_running_loop()
 
         def attempt() -> Awaitable[T]:
