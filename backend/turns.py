@@ -2,8 +2,8 @@
 
 The engine's loop runs, in one iteration, every callback that was ready when it began. A
 burst of answers (100 routers' reads, returned by the database's worker one after another and
-read by the loop in one go) woke 10-20 jobs at once, each running ~0.5-1 ms of its own Python
-until its next await: 10-14 ms of CPU in one iteration, and every timer and socket waited.
+read by the loop in one go) woke up to 20 jobs at once, each running ~0.5-1 ms of its own
+Python until its next await: 8-14 ms of CPU in one iteration, and every timer and socket waited.
 
 A caller awaits `take_turn()` once its answer has arrived and before its own work. While the
 iteration's slice (SLICE seconds from the first turn taken in it) lasts and nobody waits,
