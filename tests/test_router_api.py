@@ -154,6 +154,8 @@ async def test_apply_confirms_then_check_and_a_recreated_router_gets_the_same_ru
         and job.result["version"] == 1
         and job.result["pending_confirm"] is True
     )
+    # a finished apply says what it did, not its last step ("confirming version 1 ...")
+    assert job.message == "version 1 applied and confirmed over a new connection"
     shown = await net_engine.router_show("zone1-net1")
     assert shown["version"] == 1 and shown["pending"] is False and shown["drift"] is False
     checked = await net_engine.router_check("zone1-net1")
@@ -247,6 +249,7 @@ async def test_nothing_changed_means_nothing_pending(net_engine: Engine) -> None
         (await net_engine.router_apply("zone1-net1", confirm_timeout=0)).id, 60
     )
     assert job.state == "succeeded", job.error
+    assert job.message == "version 1 applied and not confirmed"
     assert (await net_engine.router_diff("zone1-net1"))["pending"] is False
     with pytest.raises(InvalidInput) as err:
         await net_engine.router_apply("zone1-net1", confirm_timeout=-1)

@@ -293,11 +293,13 @@ class Engine:
             async def report(pct: float, message: str) -> None:
                 await ctx.progress(pct, message=message, force=True)
 
-            return await self.routers.apply(
-                ctx.params["network"],
-                confirm_timeout=float(ctx.params["confirm_timeout"]),
-                progress=report,
+            window = float(ctx.params["confirm_timeout"])
+            answer = await self.routers.apply(
+                ctx.params["network"], confirm_timeout=window, progress=report
             )
+            how = "confirmed over a new connection" if window > 0 else "not confirmed"
+            ctx.done_message = f"version {answer['version']} applied and {how}"
+            return answer
 
         async def restart_network(ctx: JobContext) -> dict[str, Any]:
             return await self._restart_network(ctx)

@@ -65,13 +65,16 @@ def job_info(job: Job | Row[Any]) -> JobInfo:
 
 
 class JobContext:
-    """What a handler gets: its parameters and a way to report progress (throttled)."""
+    """What a handler gets: its parameters and a way to report progress (throttled). A handler
+    may set `done_message`: the job's message once it has succeeded (written with the success,
+    no extra write), instead of its last progress message."""
 
     def __init__(self, runner: JobRunner, job: JobInfo) -> None:
         self._runner = runner
         self.job_id = job.id
         self.params = job.params
         self.attempt = job.attempts
+        self.done_message: str | None = None
         self._last_write = 0.0
         self._last_pct = -100.0
 
@@ -189,13 +192,16 @@ class JobRunner:
                 started_at=utcnow(),
                 attempts=info.attempts + 1,
             )
-            result = await kind.handler(JobContext(self, info))
+            ctx = JobContext(self, info)
+            result = await kind.handler(ctx)
+            final = {} if ctx.done_message is None else {"message": ctx.done_message}
             await self._update(
                 info.id,
                 state=JobState.SUCCEEDED.value,
                 progress=100.0,
                 result=result or {},
                 finished_at=utcnow(),
+                **final,
             )
         except asyncio.CancelledError:
             if self._stopping:

@@ -463,9 +463,9 @@ class RouterRulesScreen(Screen[None]):
             )
         elif state == "succeeded":
             result = job.get("result") or {}
-            version = result.get("version", "?")
-            how = "confirmed over a new connection" if self.confirm_timeout else "not confirmed"
-            line.append(f"version {version} applied and {how}", "green")
+            line.append(
+                str(job.get("message") or f"version {result.get('version')} applied"), "green"
+            )
             services = result.get("services") or {}
             reloaded = [name for name, what in services.items() if what == "reloaded"]
             if reloaded:
